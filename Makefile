@@ -1,0 +1,45 @@
+# Two commands set up a fresh machine:  `make run`  and  `make test`.
+# The environment lives in .venv/ and is (re)built whenever pyproject.toml changes.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv run test test-all lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@$(BIN)/python -c "import magic" 2>/dev/null || { echo "augly needs libmagic: apt-get install -y libmagic1 (Debian/Ubuntu) or brew install libmagic"; exit 1; }
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## run: the main job on the embedded default data (override with ARGS="key=value ...")
+run: $(STAMP)
+	$(BIN)/python run.py $(ARGS)
+
+## test: the fast test suite (what CI runs), plus lint
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## test-all: including the tests marked slow
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_metrics.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,377 @@
+"""DISC21 folder layout, image ids, and image loading that fails loudly and clearly.
+
+A million-image run must not die (or silently learn from grey padding) at image 734,211 because one file
+is truncated: :func:`load_image` decodes every pixel and raises :class:`ImageLoadError` naming the file,
+and :func:`scan_images` finds all such files up front so they can be skipped and counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from isc.io import read_ground_truth
+from isc.matches import GroundTruth
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "SPLITS",
+    "Disc21Layout",
+    "ImageFolderDataset",
+    "ImageLoadError",
+    "image_id",
+    "list_images",
+    "load_image",
+    "scan_images",
+    "to_rgb",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+"""File suffixes (compared lower-case) that :func:`list_images` treats as images."""
+SPLITS = ("references", "queries", "training")
+MAX_IMAGE_PIXELS = 89_478_485
+"""Pixel count above which :func:`load_image` refuses a file (Pillow's own decompression-bomb default)."""
+BACKGROUND = (255, 255, 255)
+"""Transparent pixels are composited onto white: what a viewer (and so a copier's screenshot) shows."""
+
+_FIRST_FEW = 5
+
+
+# --------------------------------------------------------------------------------------------------
+# ids and folders
+
+
+def image_id(path: str | os.PathLike[str]) -> str:
+    """The DISC21 id of an image file: its name without the extension (``R000123.jpg`` -> ``R000123``)."""
+    return Path(path).stem
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files directly in ``folder``, sorted by id; hidden files and other extensions are ignored.
+
+    Two files with one id (``a.jpg`` and ``a.png``) are an error: ids must name exactly one image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist or is not a directory")
+    with os.scandir(folder) as entries:
+        paths = [
+            Path(e.path)
+            for e in entries
+            if not e.name.startswith(".")
+            and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+            and e.is_file()
+        ]
+    ids = np.array([p.stem for p in paths], dtype=str) if paths else np.zeros(0, dtype="<U1")
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    clash = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+    if clash.size:
+        shown = []
+        for i in clash[:_FIRST_FEW]:
+            same = [paths[j].name for j in order[(sorted_ids == sorted_ids[i])]]
+            shown.append(f"{sorted_ids[i]} ({', '.join(sorted(same))})")
+        raise ValueError(f"{folder}: {clash.size} image id(s) used by more than one file: {'; '.join(shown)}")
+    return [paths[i] for i in order]
+
+
+@dataclass(frozen=True)
+class Disc21Layout:
+    """A DISC21-style dataset root: ``references/``, ``queries/``, optional ``training/`` and ground truth.
+
+    File listings are cached per instance (listing a million files takes seconds); build a new layout if
+    the folders change.
+    """
+
+    root: Path
+    ground_truth_file: str = "ground_truth.csv"
+    _listings: dict[str, list[Path]] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        root = Path(self.root)
+        object.__setattr__(self, "root", root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"DISC21 root {root} does not exist or is not a directory")
+        missing = [s for s in ("references", "queries") if not (root / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"DISC21 root {root} lacks the folder(s) {missing} (expected references/, queries/, "
+                "optionally training/ and ground_truth.csv)"
+            )
+
+    @classmethod
+    def from_root(
+        cls, root: str | os.PathLike[str], ground_truth_file: str = "ground_truth.csv"
+    ) -> Disc21Layout:
+        return cls(Path(root), ground_truth_file)
+
+    def has_split(self, split: str) -> bool:
+        self._check_split(split)
+        return (self.root / split).is_dir()
+
+    def paths(self, split: str) -> list[Path]:
+        """Image paths of ``split`` (``references``, ``queries`` or ``training``), sorted by id."""
+        self._check_split(split)
+        if split not in self._listings:
+            if not (self.root / split).is_dir():
+                raise FileNotFoundError(f"DISC21 root {self.root} has no {split}/ folder")
+            self._listings[split] = list_images(self.root / split)
+        return self._listings[split]
+
+    def ids(self, split: str) -> list[str]:
+        return [p.stem for p in self.paths(split)]
+
+    @property
+    def ground_truth_path(self) -> Path:
+        return self.root / self.ground_truth_file
+
+    def has_ground_truth(self) -> bool:
+        return self.ground_truth_path.is_file()
+
+    def ground_truth(self) -> GroundTruth:
+        if not self.has_ground_truth():
+            raise FileNotFoundError(
+                f"DISC21 root {self.root} has no ground truth file {self.ground_truth_file}"
+            )
+        return read_ground_truth(self.ground_truth_path)
+
+    def validate(self) -> None:
+        """Check the listings (no clashing ids) and that every ground-truth id names an existing image."""
+        query_ids = np.array(self.ids("queries"), dtype=str)
+        reference_ids = np.array(self.ids("references"), dtype=str)
+        if self.has_split("training"):
+            self.paths("training")
+        if not self.has_ground_truth():
+            return
+        gt = self.ground_truth()
+        problems = []
+        for name, wanted, present in (
+            ("queries", gt.query_ids, query_ids),
+            ("references", gt.reference_ids[gt.matched], reference_ids),
+        ):
+            missing = np.unique(wanted[~np.isin(wanted, present)])
+            if missing.size:
+                shown = ", ".join(missing[:_FIRST_FEW].tolist()) + (
+                    ", ..." if missing.size > _FIRST_FEW else ""
+                )
+                problems.append(f"{missing.size} id(s) missing from {name}/: {shown}")
+        if problems:
+            raise ValueError(
+                f"{self.ground_truth_path} names images that do not exist: " + "; ".join(problems)
+            )
+
+    @staticmethod
+    def _check_split(split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+# --------------------------------------------------------------------------------------------------
+# image loading
+
+
+class ImageLoadError(ValueError):
+    """An image file that cannot be used: empty, not an image, truncated, corrupt or too large."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str = "") -> None:
+        super().__init__(f"{path}: {reason}" if reason else str(path))
+        self.path = Path(path)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:  # survives pickling across DataLoader workers
+        return type(self), (self.path, self.reason)
+
+
+@functools.cache
+def _warn_load_truncated() -> None:
+    log.warning(
+        "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by other code): truncated images may load padded "
+        "with grey instead of raising ImageLoadError"
+    )
+
+
+def _decode(path: Path, max_pixels: int | None) -> Image.Image:
+    """Open ``path`` and decode every pixel; any failure becomes an :class:`ImageLoadError`."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        _warn_load_truncated()
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageLoadError(path, "file does not exist") from None
+    except OSError as e:
+        raise ImageLoadError(path, f"cannot read file ({e})") from e
+    if size == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image (no Pillow-readable format recognised)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(path, f"too large, refused as a possible decompression bomb ({e})") from None
+    except Exception as e:  # any header-parsing failure means a corrupt file
+        raise ImageLoadError(path, f"corrupt image header ({type(e).__name__}: {e})") from e
+    with image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageLoadError(
+                path,
+                f"too large: {width}x{height} pixels exceeds max_pixels={max_pixels} (decompression-bomb guard)",
+            )
+        try:
+            image.load()
+        except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, zlib.error, ...
+            raise ImageLoadError(path, f"truncated or corrupt image data ({type(e).__name__}: {e})") from e
+        try:
+            oriented = ImageOps.exif_transpose(image)
+        except Exception as e:  # a broken EXIF block should not lose a readable image
+            log.warning("%s: ignoring unreadable EXIF orientation (%s)", path, e)
+            oriented = None
+        return image.copy() if oriented is None or oriented is image else oriented
+
+
+def _to_uint8_grey(array: np.ndarray, mode: str) -> np.ndarray:
+    """Map integer / float greyscale to 0..255 by scaling (never clipping 16-bit data to white)."""
+    array = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if mode.startswith("I") and lo >= 0 and hi <= 65535:  # Pillow's 16-bit modes (and "I" from 16-bit files)
+        scaled = array / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        scaled = array * 255.0
+    elif mode == "F" and lo >= 0 and hi <= 255:
+        scaled = array
+    else:  # out-of-range data (signed, 32-bit, HDR float): stretch min..max
+        scaled = (array - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(array)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; alpha is composited onto :data:`BACKGROUND`.
+
+    16-bit greyscale is scaled by 1/257 (65535 -> 255); float greyscale in [0, 1] by 255. Other ranges
+    (signed or 32-bit integers, floats beyond 255) are stretched from their min..max.
+    """
+    mode = image.mode
+    has_alpha = mode in {"RGBA", "RGBa", "LA", "La", "PA"} or (
+        mode in {"P", "L", "RGB"} and "transparency" in image.info
+    )
+    if mode == "RGB" and not has_alpha:
+        return image
+    if mode.startswith("I") or mode == "F":
+        grey = _to_uint8_grey(np.asarray(image), mode)
+        return Image.fromarray(grey.reshape(image.height, image.width), mode="L").convert("RGB")
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Load any Pillow-readable image as RGB, upright (EXIF orientation applied) and fully decoded.
+
+    Raises :class:`ImageLoadError` naming the file and the problem for missing, empty, non-image,
+    truncated, corrupt or oversized (more than ``max_pixels``) files.
+    """
+    path = Path(path)
+    image = _decode(path, max_pixels)
+    try:
+        return to_rgb(image)
+    except Exception as e:  # e.g. a mode Pillow cannot convert
+        raise ImageLoadError(path, f"cannot convert mode {image.mode} to RGB ({e})") from e
+
+
+def _problem(path: Path, max_pixels: int | None) -> str | None:
+    try:
+        load_image(path, max_pixels)
+    except ImageLoadError as e:
+        return e.reason
+    return None
+
+
+def scan_images(
+    paths: Sequence[str | os.PathLike[str]],
+    skip_bad: bool = True,
+    num_workers: int = 0,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Fully decode every image once; return ``(good_paths, [(bad_path, reason), ...])`` in input order.
+
+    With ``skip_bad=False`` the first bad file raises :class:`ImageLoadError` instead. Decoding is slow
+    (a few ms per image); ``num_workers`` threads help because Pillow releases the GIL while decoding.
+    """
+    files = [Path(p) for p in paths]
+    if num_workers > 0:
+        with ThreadPoolExecutor(num_workers) as pool:
+            problems = list(pool.map(_problem, files, [max_pixels] * len(files)))
+    else:
+        problems = [_problem(p, max_pixels) for p in files]
+    bad = [(p, reason) for p, reason in zip(files, problems, strict=True) if reason is not None]
+    if bad and not skip_bad:
+        raise ImageLoadError(*bad[0])
+    if bad:
+        shown = "; ".join(f"{p}: {r}" for p, r in bad[:_FIRST_FEW])
+        log.warning("skipping %d of %d unreadable image(s): %s", len(bad), len(files), shown)
+    good = [p for p, reason in zip(files, problems, strict=True) if reason is None]
+    return good, bad
+
+
+class ImageFolderDataset(Dataset):
+    """Images given by path, returned as ``(transform(image), index)``; ``ids[index]`` is the image id.
+
+    ``skip_bad=False`` (default): a bad image raises :class:`ImageLoadError` when it is loaded.
+    ``skip_bad=True``: every image is decoded once at construction (:func:`scan_images`), bad ones are
+    dropped and kept in ``skipped`` as ``(path, reason)``; indices refer to the remaining images.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        ids: Sequence[str] | None = None,
+        transform: Callable[[Image.Image], Any] | None = None,
+        skip_bad: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        files = [Path(p) for p in paths]
+        names = [p.stem for p in files] if ids is None else [str(i) for i in ids]
+        if len(names) != len(files):
+            raise ValueError(f"{len(files)} paths but {len(names)} ids")
+        self.skipped: list[tuple[Path, str]] = []
+        if skip_bad:
+            good, self.skipped = scan_images(files, skip_bad=True, num_workers=num_workers)
+            keep = set(good)
+            names = [i for p, i in zip(files, names, strict=True) if p in keep]
+            files = [p for p in files if p in keep]
+        self.paths = files
+        self.ids = names
+        self.transform = transform
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | os.PathLike[str],
+        transform: Callable[[Image.Image], Any] | None = None,
+        skip_bad: bool = False,
+        num_workers: int = 0,
+    ) -> ImageFolderDataset:
+        """All images of ``folder`` (see :func:`list_images`), ids from file names."""
+        return cls(list_images(folder), transform=transform, skip_bad=skip_bad, num_workers=num_workers)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = load_image(self.paths[index])
+        return (self.transform(image) if self.transform is not None else image), index

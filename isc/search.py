@@ -1,0 +1,411 @@
+"""Exact kNN and range search of descriptors by inner product (cosine for L2-normalised vectors).
+
+Two interchangeable backends give the same answers (up to float32 rounding and exact ties):
+
+- ``"faiss"``: ``faiss.IndexFlatIP``, moved to a GPU with ``faiss.index_cpu_to_gpu`` when the installed
+  faiss has GPU support and sees a GPU (faiss-cpu lacks those symbols, so they are looked up with
+  ``hasattr``). Range search always runs on the CPU index: faiss has no range search for GPU flat indexes.
+- ``"torch"``: blocked matmul + ``torch.topk`` (or thresholding), on CUDA when available. Queries are
+  processed ``block_size`` at a time and the database ``database_block_size`` rows at a time, so the
+  similarity tile never exceeds ``block_size x database_block_size`` floats (1 GiB with the defaults).
+
+All computation is in float32 (faiss's only type); inputs may be numpy float32/float64 arrays or torch
+tensors; outputs are numpy. Rows are not re-normalised here: normalise with ``isc.postprocess.l2_normalize``.
+
+Conventions shared by both backends:
+
+- kNN results are sorted by decreasing similarity, exact ties by increasing database index. When ``k``
+  exceeds the database size the missing columns are padded with index ``-1`` and similarity ``-inf``
+  (faiss pads with ``-3.4e38``; we use a true ``-inf`` so padding can never pass a threshold).
+  :func:`predictions_from_knn` drops padded entries.
+- Range search returns every pair with ``similarity >= threshold`` (inclusive; faiss's own
+  ``IndexFlatIP.range_search`` is strict, ``> radius``, so we pass ``nextafter(threshold, -inf)`` and
+  filter again), ordered by query index, then decreasing similarity, then database index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import torch
+
+from isc.matches import Predictions
+
+__all__ = [
+    "FAISS_GPU_MAX_K",
+    "faiss_gpu_available",
+    "knn",
+    "predictions_from_knn",
+    "predictions_from_range",
+    "range_search",
+]
+
+Backend = Literal["faiss", "torch"]
+ArrayLike = np.ndarray | torch.Tensor
+
+# Largest k that faiss's GPU k-selection supports; larger k falls back to the CPU index.
+FAISS_GPU_MAX_K = 2048
+
+_GPU_RESOURCES: dict[int, Any] = {}
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+def _validate(x: ArrayLike, name: str) -> ArrayLike:
+    """Check a (n, d) float matrix with finite values; return it as float32 (same library as given)."""
+    if isinstance(x, torch.Tensor):
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D (n, d) tensor, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        tensor = x.detach().to(torch.float32)
+        bad = torch.nonzero(~torch.isfinite(tensor).all(dim=1)).flatten().cpu().numpy()
+        out: ArrayLike = tensor
+    else:
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D (n, d) array, got shape {x.shape}")
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        out = np.ascontiguousarray(x, dtype=np.float32)
+        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+    if out.shape[0] == 0 or out.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(out.shape)})")
+    if bad.size:
+        raise ValueError(f"{name} has {bad.size} row(s) with NaN or infinite values, first at row {bad[0]}")
+    return out
+
+
+def _validate_pair(queries: ArrayLike, database: ArrayLike) -> tuple[ArrayLike, ArrayLike]:
+    q = _validate(queries, "queries")
+    db = _validate(database, "database")
+    if q.shape[1] != db.shape[1]:
+        raise ValueError(f"queries have dimension {q.shape[1]} but database has dimension {db.shape[1]}")
+    return q, db
+
+
+def _validate_block(value: int, name: str) -> int:
+    if int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
+    return x
+
+
+def _to_torch(x: ArrayLike, device: torch.device | None = None) -> torch.Tensor:
+    """As a tensor, moved to ``device`` if given (queries stay put and are moved block by block)."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    return x if device is None else x.to(device)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"unknown search backend {backend!r}; expected 'faiss' or 'torch'")
+
+
+# --------------------------------------------------------------------------------------------------
+# devices
+
+
+def faiss_gpu_available() -> bool:
+    """Whether the installed faiss has GPU support and sees at least one GPU (False for faiss-cpu)."""
+    return (
+        hasattr(faiss, "StandardGpuResources")
+        and hasattr(faiss, "index_cpu_to_gpu")
+        and hasattr(faiss, "get_num_gpus")
+        and faiss.get_num_gpus() > 0
+    )
+
+
+def _faiss_gpu_id(device: str | torch.device | None) -> int | None:
+    """GPU id for the faiss backend, or None for CPU. ``None``/``"auto"`` pick GPU 0 when available."""
+    if device is None or device == "auto":
+        return 0 if faiss_gpu_available() else None
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        raise ValueError(f"faiss backend supports device 'cpu', 'cuda[:N]' or 'auto', got {device!r}")
+    if not faiss_gpu_available():
+        raise RuntimeError(
+            f"device {device!r} was requested but this faiss build has no GPU support or sees no GPU "
+            "(install faiss-gpu, or use backend='torch' for GPU search)"
+        )
+    return dev.index or 0
+
+
+def _torch_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _gpu_resources(gpu_id: int) -> Any:
+    """One ``StandardGpuResources`` per GPU, reused across calls (creating one reserves scratch memory)."""
+    if gpu_id not in _GPU_RESOURCES:
+        _GPU_RESOURCES[gpu_id] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[gpu_id]
+
+
+@contextlib.contextmanager
+def _faiss_threads(num_threads: int | None) -> Iterator[None]:
+    """Temporarily set faiss's OpenMP thread count; ``None`` leaves the global setting untouched."""
+    if num_threads is None:
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _exact_float32_matmul() -> Iterator[None]:
+    """Full float32 matmuls for this call: a user's ``set_float32_matmul_precision("high")`` (TF32 on
+    CUDA, common with Lightning) would otherwise perturb similarities by ~1e-3 and reorder neighbours."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _flat_ip_index(database: np.ndarray, gpu_id: int | None) -> faiss.Index:
+    index: faiss.Index = faiss.IndexFlatIP(database.shape[1])
+    index.add(database)
+    if gpu_id is not None:
+        index = faiss.index_cpu_to_gpu(_gpu_resources(gpu_id), gpu_id, index)
+    return index
+
+
+# --------------------------------------------------------------------------------------------------
+# kNN
+
+
+def _sort_rows(similarities: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row by decreasing similarity, ties by increasing index, padding (-1, -inf) last."""
+    order = np.lexsort((indices, -similarities), axis=-1)
+    return np.take_along_axis(similarities, order, axis=1), np.take_along_axis(indices, order, axis=1)
+
+
+def _knn_faiss(
+    q: np.ndarray, db: np.ndarray, k: int, gpu_id: int | None, block_size: int, num_threads: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    if gpu_id is not None and k > FAISS_GPU_MAX_K:
+        gpu_id = None  # faiss GPU k-selection is limited; exact CPU search is the safe fallback
+    sims = np.empty((len(q), k), dtype=np.float32)
+    idx = np.empty((len(q), k), dtype=np.int64)
+    with _faiss_threads(num_threads):
+        index = _flat_ip_index(db, gpu_id)
+        for start in range(0, len(q), block_size):
+            stop = min(start + block_size, len(q))
+            sims[start:stop], idx[start:stop] = index.search(q[start:stop], k)
+    return sims, idx
+
+
+def _knn_torch(
+    q: torch.Tensor, db: torch.Tensor, k: int, block_size: int, database_block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    sims = np.empty((q.shape[0], k), dtype=np.float32)
+    idx = np.empty((q.shape[0], k), dtype=np.int64)
+    with torch.inference_mode(), _exact_float32_matmul():
+        for start in range(0, q.shape[0], block_size):
+            qb = q[start : start + block_size].to(db.device, non_blocking=True)
+            best_v = torch.empty((qb.shape[0], 0), dtype=torch.float32, device=db.device)
+            best_i = torch.empty((qb.shape[0], 0), dtype=torch.int64, device=db.device)
+            for d0 in range(0, db.shape[0], database_block_size):
+                tile = qb @ db[d0 : d0 + database_block_size].T
+                v, i = torch.topk(tile, min(k, tile.shape[1]), dim=1)
+                best_v = torch.cat([best_v, v], dim=1)
+                best_i = torch.cat([best_i, i + d0], dim=1)
+                if best_v.shape[1] > k:
+                    best_v, pos = torch.topk(best_v, k, dim=1)
+                    best_i = torch.gather(best_i, 1, pos)
+            stop = start + qb.shape[0]
+            sims[start:stop] = best_v.cpu().numpy()
+            idx[start:stop] = best_i.cpu().numpy()
+    return sims, idx
+
+
+def knn(
+    queries: ArrayLike,
+    database: ArrayLike,
+    k: int,
+    *,
+    backend: Backend = "faiss",
+    device: str | torch.device | None = None,
+    block_size: int = 16384,
+    database_block_size: int = 16384,
+    num_threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar database rows of each query by inner product.
+
+    Args:
+        queries: (nq, d) float descriptors; database: (nd, d).
+        k: neighbours per query; if ``k > nd`` the extra columns are padding (index -1, similarity -inf).
+        backend: ``"faiss"`` (IndexFlatIP) or ``"torch"`` (blocked matmul + topk); same results.
+        device: ``None``/``"auto"`` uses a GPU when the backend can, ``"cpu"`` forces CPU, ``"cuda[:N]"``.
+        block_size: queries per block (bounds memory and host/GPU transfers).
+        database_block_size: database rows per similarity tile (torch backend only).
+        num_threads: faiss OpenMP threads for this call only (``None`` keeps faiss's setting).
+
+    Returns:
+        similarities (nq, k) float32 sorted decreasingly (ties by database index) and indices (nq, k) int64.
+    """
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    block_size = _validate_block(block_size, "block_size")
+    database_block_size = _validate_block(database_block_size, "database_block_size")
+    _check_backend(backend)
+    q, db = _validate_pair(queries, database)
+    k_found = min(k, db.shape[0])
+    if backend == "faiss":
+        gpu_id = _faiss_gpu_id(device)
+        sims, idx = _knn_faiss(_to_numpy(q), _to_numpy(db), k_found, gpu_id, block_size, num_threads)
+    else:
+        db_t = _to_torch(db, _torch_device(device))
+        sims, idx = _knn_torch(_to_torch(q), db_t, k_found, block_size, database_block_size)
+    if k_found < k:
+        pad = k - k_found
+        sims = np.concatenate([sims, np.full((len(sims), pad), -np.inf, dtype=np.float32)], axis=1)
+        idx = np.concatenate([idx, np.full((len(idx), pad), -1, dtype=np.int64)], axis=1)
+    return _sort_rows(sims, idx)
+
+
+# --------------------------------------------------------------------------------------------------
+# range search
+
+
+def _range_faiss(
+    q: np.ndarray, db: np.ndarray, threshold: np.float32, block_size: int, num_threads: int | None
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    # faiss keeps sim > radius; the next float32 below the threshold makes it sim >= threshold.
+    radius = float(np.nextafter(threshold, np.float32(-np.inf)))
+    qi, di, si = [], [], []
+    with _faiss_threads(num_threads):
+        index = _flat_ip_index(db, gpu_id=None)  # no range search for GPU flat indexes in faiss
+        for start in range(0, len(q), block_size):
+            lims, sims, idx = index.range_search(q[start : start + block_size], radius)
+            counts = np.diff(lims).astype(np.int64)
+            qi.append(np.repeat(np.arange(start, start + len(counts), dtype=np.int64), counts))
+            di.append(idx.astype(np.int64, copy=False))
+            si.append(sims.astype(np.float32, copy=False))
+    return qi, di, si
+
+
+def _range_torch(
+    q: torch.Tensor, db: torch.Tensor, threshold: np.float32, block_size: int, database_block_size: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    qi, di, si = [], [], []
+    with torch.inference_mode(), _exact_float32_matmul():
+        for start in range(0, q.shape[0], block_size):
+            qb = q[start : start + block_size].to(db.device, non_blocking=True)
+            for d0 in range(0, db.shape[0], database_block_size):
+                tile = qb @ db[d0 : d0 + database_block_size].T
+                rows, cols = torch.nonzero(tile >= float(threshold), as_tuple=True)
+                si.append(tile[rows, cols].cpu().numpy())
+                qi.append(rows.cpu().numpy() + start)
+                di.append(cols.cpu().numpy() + d0)
+    return qi, di, si
+
+
+def range_search(
+    queries: ArrayLike,
+    database: ArrayLike,
+    threshold: float,
+    *,
+    backend: Backend = "faiss",
+    device: str | torch.device | None = None,
+    block_size: int = 16384,
+    database_block_size: int = 16384,
+    num_threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (query, database) pairs with inner product ``>= threshold`` (inclusive, compared in float32).
+
+    The output can be large when the threshold is low: its size is the caller's responsibility. The faiss
+    backend always searches on the CPU (faiss has no GPU range search for flat indexes); use
+    ``backend="torch"`` for GPU range search. Other arguments as in :func:`knn`.
+
+    Returns:
+        query_index (n,) int64, database_index (n,) int64, similarity (n,) float32, ordered by query index,
+        then decreasing similarity, then database index.
+    """
+    block_size = _validate_block(block_size, "block_size")
+    database_block_size = _validate_block(database_block_size, "database_block_size")
+    thr = np.float32(threshold)
+    if not np.isfinite(thr):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    _check_backend(backend)
+    q, db = _validate_pair(queries, database)
+    if backend == "faiss":
+        qi, di, si = _range_faiss(_to_numpy(q), _to_numpy(db), thr, block_size, num_threads)
+    else:
+        db_t = _to_torch(db, _torch_device(device))
+        qi, di, si = _range_torch(_to_torch(q), db_t, thr, block_size, database_block_size)
+    query_index = np.concatenate(qi).astype(np.int64, copy=False) if qi else np.zeros(0, np.int64)
+    database_index = np.concatenate(di).astype(np.int64, copy=False) if di else np.zeros(0, np.int64)
+    similarity = np.concatenate(si).astype(np.float32, copy=False) if si else np.zeros(0, np.float32)
+    keep = similarity >= thr  # defensive: the inclusive convention holds whatever faiss does
+    query_index, database_index, similarity = query_index[keep], database_index[keep], similarity[keep]
+    order = np.lexsort((database_index, -similarity, query_index))
+    return query_index[order], database_index[order], similarity[order]
+
+
+# --------------------------------------------------------------------------------------------------
+# matching-track predictions
+
+
+def predictions_from_knn(
+    query_ids: np.ndarray, database_ids: np.ndarray, similarities: np.ndarray, indices: np.ndarray
+) -> Predictions:
+    """Flatten a kNN result (nq, k) into scored pairs, dropping padding (index -1 / non-finite score)."""
+    query_ids = np.asarray(query_ids)
+    database_ids = np.asarray(database_ids)
+    similarities = np.asarray(similarities)
+    indices = np.asarray(indices)
+    if similarities.shape != indices.shape or similarities.ndim != 2:
+        raise ValueError(
+            f"similarities {similarities.shape} and indices {indices.shape} must be the same (nq, k) shape"
+        )
+    if len(query_ids) != len(similarities):
+        raise ValueError(f"{len(query_ids)} query ids for {len(similarities)} result rows")
+    if indices.size and indices.max() >= len(database_ids):
+        raise ValueError(f"index {indices.max()} out of range for {len(database_ids)} database ids")
+    keep = (indices >= 0) & np.isfinite(similarities)
+    rows, cols = np.nonzero(keep)
+    return Predictions(query_ids[rows], database_ids[indices[rows, cols]], similarities[rows, cols])
+
+
+def predictions_from_range(
+    query_ids: np.ndarray,
+    database_ids: np.ndarray,
+    query_index: np.ndarray,
+    database_index: np.ndarray,
+    similarity: np.ndarray,
+) -> Predictions:
+    """Turn a :func:`range_search` result (three (n,) arrays) into scored pairs with ids."""
+    query_ids = np.asarray(query_ids)
+    database_ids = np.asarray(database_ids)
+    query_index = np.asarray(query_index, dtype=np.int64)
+    database_index = np.asarray(database_index, dtype=np.int64)
+    if not (len(query_index) == len(database_index) == len(similarity)):
+        raise ValueError("query_index, database_index and similarity must have the same length")
+    for name, index, ids in (("query", query_index, query_ids), ("database", database_index, database_ids)):
+        if index.size and (index.min() < 0 or index.max() >= len(ids)):
+            raise ValueError(f"{name} index out of range [0, {len(ids)})")
+    return Predictions(query_ids[query_index], database_ids[database_index], np.asarray(similarity))

@@ -1,0 +1,176 @@
+"""Single entry point: ``python run.py task=<task> [overrides...]`` (Hydra).
+
+Each task is a plain function that takes the composed config and returns a metrics dict, so a Hydra
+sweeper can optimise what it returns. Everything a run produces goes into its Hydra run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from isc.benchmark import ensure_embedded_benchmark
+from isc.data import Disc21Layout
+from isc.evaluation import MatchingSettings, match_descriptors
+from isc.extract import extract_descriptors, image_dataset
+from isc.io import atomic_write, read_descriptors, write_descriptors, write_predictions
+
+log = logging.getLogger("run")
+
+
+def dataset_root(cfg: DictConfig) -> Path:
+    """The DISC21-layout folder to use: ``dataset.root``, or the embedded benchmark (built on first use)."""
+    if cfg.dataset.root:
+        return Path(cfg.dataset.root).expanduser()
+    d = cfg.dataset
+    return ensure_embedded_benchmark(
+        instantiate(d.query_transform),
+        cfg.paths.cache_dir,
+        d.name,
+        n_references=d.n_references,
+        n_training=d.n_training,
+        n_queries=d.n_queries,
+        matched_fraction=d.matched_fraction,
+        seed=d.build_seed,
+    )
+
+
+def write_json(path: Path, obj: object) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, object]:
+    """Extract descriptors on a DISC21-layout folder, match them, and score them against its ground truth."""
+    out_dir = Path(cfg.paths.output_dir)
+    e = cfg.evaluation
+    layout = Disc21Layout(dataset_root(cfg))
+    layout.validate()
+    log.info("dataset: %s", layout.root)
+    if e.descriptors:
+        ids, descriptors, skipped = read_descriptor_file(Path(e.descriptors))
+    else:
+        ids, descriptors, skipped = extract_splits(cfg, layout)
+    settings = MatchingSettings(
+        k=e.k,
+        whitening_dim=e.whitening.dim if e.whitening.enabled else None,
+        eigen_power=e.whitening.eigen_power,
+        score_norm_beta=e.score_normalization.beta if e.score_normalization.enabled else None,
+        score_norm_k=e.score_normalization.k,
+        backend=e.search_backend,
+        device=None if e.device == "auto" else e.device,
+        max_predictions=e.max_predictions,
+    )
+    training = descriptors.get("training")
+    if training is None and settings.score_norm_beta:
+        log.warning("no training descriptors: score normalisation disabled")
+        settings = replace(settings, score_norm_beta=None)
+    ground_truth = layout.ground_truth() if layout.has_ground_truth() else None
+    result = match_descriptors(
+        ids["queries"],
+        descriptors["queries"],
+        ids["references"],
+        descriptors["references"],
+        training,
+        ground_truth,
+        settings,
+    )
+
+    write_descriptors(
+        out_dir / "descriptors.h5",
+        ids["queries"],
+        result.query,
+        ids["references"],
+        result.reference,
+        ids.get("training"),
+        result.training,
+        max_dim=e.descriptor_track_max_dim,
+    )
+    write_predictions(out_dir / "predictions.csv", result.predictions, max_rows=e.max_predictions)
+    metrics = result.metrics_dict()
+    metrics["skipped_images"] = skipped
+    write_json(out_dir / "metrics.json", metrics)
+    if result.metrics is None:
+        log.info("no ground truth: wrote %s", out_dir / "predictions.csv")
+    else:
+        raw = f" (without score normalisation: {_fmt(result.raw_metrics.uAP)})" if result.raw_metrics else ""
+        print(f"uAP = {_fmt(result.metrics.uAP)}{raw}  recall@P90 = {_fmt(result.metrics.recall_at_p90)}")
+        print(f"outputs in {out_dir}")
+    return metrics
+
+
+Splits = dict[str, np.ndarray]
+
+
+def read_descriptor_file(path: Path) -> tuple[Splits, Splits, dict[str, int]]:
+    """Precomputed descriptors (official HDF5 layout, optional training) instead of extraction."""
+    d = read_descriptors(path)
+    ids = {"queries": d.query_ids, "references": d.reference_ids}
+    descriptors = {"queries": d.query, "references": d.reference}
+    if d.training is not None:
+        ids["training"], descriptors["training"] = d.training_ids, d.training
+    log.info("descriptors from %s: %s", path, {k: v.shape for k, v in descriptors.items()})
+    return ids, descriptors, {}
+
+
+def extract_splits(cfg: DictConfig, layout: Disc21Layout) -> tuple[Splits, Splits, dict[str, int]]:
+    """Descriptors of every split of ``layout`` with the configured backbone."""
+    e = cfg.evaluation
+    model = instantiate(cfg.backbone)
+    ids: Splits = {}
+    descriptors: Splits = {}
+    skipped: dict[str, int] = {}
+    splits = ["queries", "references"] + (["training"] if layout.has_split("training") else [])
+    started = time.perf_counter()
+    for split in splits:
+        dataset = image_dataset(layout.paths(split), e.image_size, skip_bad=cfg.dataset.skip_bad_images)
+        skipped[split] = len(dataset.skipped)
+        ids[split] = np.asarray(dataset.ids)
+        descriptors[split] = extract_descriptors(
+            model,
+            dataset,
+            batch_size=e.batch_size,
+            num_workers=e.num_workers,
+            device=e.device,
+            desc=f"{split} ({len(dataset)} images)",
+        )
+    n_images = sum(len(v) for v in ids.values())
+    seconds = time.perf_counter() - started
+    log.info("extracted %d descriptors in %.1f s (%.1f images/s)", n_images, seconds, n_images / seconds)
+    if any(skipped.values()):
+        log.warning("skipped unreadable images: %s", skipped)
+    return ids, descriptors, skipped
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+TASKS: dict[str, Callable[[DictConfig], dict[str, object]]] = {"evaluate": evaluate}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; choose one of {sorted(TASKS)}")
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
+    metrics = TASKS[cfg.task](cfg)
+    value = metrics.get("uAP")
+    return float(value) if isinstance(value, int | float) else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from isc import io as isc_io
+from isc.io import (
+    Descriptors,
+    atomic_write,
+    check_descriptor_track,
+    read_descriptors,
+    read_ground_truth,
+    read_predictions,
+    write_descriptors,
+    write_ground_truth,
+    write_predictions,
+)
+from isc.matches import GroundTruth, Predictions
+
+
+def _predictions(n: int, seed: int = 0) -> Predictions:
+    rng = np.random.default_rng(seed)
+    queries = np.array([f"Q{i:05d}" for i in range(n)])
+    references = np.array([f"R{i:06d}" for i in rng.permutation(n)])
+    return Predictions(queries, references, rng.standard_normal(n) * 1e3)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- predictions
+
+
+def test_predictions_round_trip_is_exact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    scores = np.concatenate(
+        [rng.standard_normal(500), [0.1, 1 / 3, 1e-300, -2.5e300, np.nextafter(1.0, 2.0)]]
+    )
+    n = len(scores)
+    preds = Predictions([f"Q{i:05d}" for i in range(n)], [f"R{(7 * i) % n:06d}" for i in range(n)], scores)
+    path = tmp_path / "preds.csv"
+    write_predictions(path, preds)
+    assert path.read_text().splitlines()[0] == "query_id,reference_id,score"
+    back = read_predictions(path)
+    np.testing.assert_array_equal(back.query_ids, preds.query_ids)
+    np.testing.assert_array_equal(back.reference_ids, preds.reference_ids)
+    assert back.scores.dtype == np.float64
+    assert np.array_equal(back.scores, preds.scores)  # bit-exact, not approximately equal
+
+
+def test_read_predictions_accepts_crlf_blank_lines_and_quotes(tmp_path: Path) -> None:
+    text = 'query_id,reference_id,score\r\nQ1,R1,0.5\r\n\r\n"Q2","R2",1e-3\r\n'
+    preds = read_predictions(_write_text(tmp_path / "p.csv", text))
+    assert preds.query_ids.tolist() == ["Q1", "Q2"]
+    assert preds.reference_ids.tolist() == ["R1", "R2"]
+    assert preds.scores.tolist() == [0.5, 1e-3]
+
+
+def test_read_predictions_empty_body(tmp_path: Path) -> None:
+    preds = read_predictions(_write_text(tmp_path / "p.csv", "query_id,reference_id,score\n"))
+    assert len(preds) == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty file"),
+        ("query,reference,score\nQ1,R1,0.5\n", "line 1: expected the header"),
+        ("Q1,R1,0.5\n", "line 1: expected the header"),
+        ("query_id,reference_id,score\nQ1,R1,0.5\nQ2,R2\n", "line 3: expected 3 columns"),
+        ("query_id,reference_id,score\nQ1,R1,0.5,7\n", "line 2: expected 3 columns"),
+        ("query_id,reference_id,score\nQ1,R1,0.5\n\nQ2,R2,nan\n", "line 4: score 'nan' is not finite"),
+        ("query_id,reference_id,score\nQ1,R1,inf\n", "line 2: score 'inf' is not finite"),
+        ("query_id,reference_id,score\nQ1,R1,0.5\nQ2,R2,abc\n", "line 3: score 'abc' is not a number"),
+        ("query_id,reference_id,score\nQ1,R1,\n", "line 2: score '' is not a number"),
+        ("query_id,reference_id,score\nQ1,R1,0.5\n,R2,0.1\n", "line 3: empty query_id"),
+        ("query_id,reference_id,score\nQ1,,0.5\n", "line 2: empty reference_id"),
+    ],
+)
+def test_read_predictions_errors_name_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    path = _write_text(tmp_path / "bad.csv", text)
+    with pytest.raises(ValueError, match=message) as info:
+        read_predictions(path)
+    assert str(path) in str(info.value)
+
+
+def test_read_predictions_returns_duplicates(tmp_path: Path) -> None:
+    path = _write_text(tmp_path / "p.csv", "query_id,reference_id,score\nQ1,R1,0.5\nQ1,R1,0.7\n")
+    preds = read_predictions(path)
+    assert len(preds) == 2
+    assert preds.duplicate_pairs() == [("Q1", "R1")]
+
+
+def test_max_rows_cap_and_lift(tmp_path: Path) -> None:
+    preds = _predictions(30)
+    path = tmp_path / "p.csv"
+    with pytest.raises(ValueError, match="max_rows=None"):
+        write_predictions(path, preds, max_rows=20)
+    assert not path.exists()
+    write_predictions(path, preds, max_rows=None)
+    with pytest.raises(ValueError, match=r"30 prediction rows exceed max_rows=20.*max_rows=None"):
+        read_predictions(path, max_rows=20)
+    assert len(read_predictions(path, max_rows=None)) == 30
+    assert len(read_predictions(path, max_rows=30)) == 30
+
+
+def test_default_cap_is_the_official_500k() -> None:
+    assert isc_io.MAX_PREDICTIONS == 500_000
+    assert read_predictions.__defaults__ == (500_000,)
+    assert write_predictions.__defaults__ == (500_000,)
+
+
+def test_writer_refuses_duplicates(tmp_path: Path) -> None:
+    preds = Predictions(["Q1", "Q1", "Q2"], ["R1", "R1", "R1"], [0.1, 0.2, 0.3])
+    path = tmp_path / "p.csv"
+    with pytest.raises(ValueError, match=r"duplicate.*\(Q1, R1\)"):
+        write_predictions(path, preds)
+    assert not path.exists()
+
+
+def test_writer_refuses_ids_that_break_the_csv(tmp_path: Path) -> None:
+    preds = Predictions(["Q1", "Q,2"], ["R1", "R2"], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"'Q,2'"):
+        write_predictions(tmp_path / "p.csv", preds)
+
+
+def test_read_500k_predictions_quickly(tmp_path: Path) -> None:
+    preds = _predictions(500_000)
+    path = tmp_path / "big.csv"
+    write_predictions(path, preds)
+    start = time.perf_counter()
+    back = read_predictions(path)
+    elapsed = time.perf_counter() - start
+    assert np.array_equal(back.scores, preds.scores)
+    assert elapsed < 2.5, f"reading 500,000 rows took {elapsed:.2f} s"  # about 0.5 s on a slow 2-core box
+
+
+# ---------------------------------------------------------------------------------------------- ground truth
+
+
+def test_ground_truth_round_trip_with_unmatched_queries(tmp_path: Path) -> None:
+    gt = GroundTruth(["Q00000", "Q00001", "Q00002", "Q00002"], ["R000010", "", "R000001", "R000002"])
+    path = tmp_path / "gt.csv"
+    write_ground_truth(path, gt)
+    assert path.read_text().splitlines() == [
+        "query_id,reference_id",
+        "Q00000,R000010",
+        "Q00001,",
+        "Q00002,R000001",
+        "Q00002,R000002",
+    ]
+    back = read_ground_truth(path)
+    assert back.query_ids.tolist() == gt.query_ids.tolist()
+    assert back.reference_ids.tolist() == gt.reference_ids.tolist()
+    assert back.num_positives == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("query_id,reference_id,score\nQ1,R1,1\n", "line 1: expected the header 'query_id,reference_id'"),
+        ("query_id,reference_id\nQ1,R1\nQ2\n", "line 3: expected 2 columns"),
+        ("query_id,reference_id\nQ1,R1\n,R2\n", "line 3: empty query_id"),
+        ("query_id,reference_id\nQ1,R1\nQ1,R1\n", "more than once"),
+        ("query_id,reference_id\nQ1,R1\nQ1,\n", "both without a match and with a match"),
+    ],
+)
+def test_ground_truth_errors_name_file(tmp_path: Path, text: str, message: str) -> None:
+    path = _write_text(tmp_path / "gt.csv", text)
+    with pytest.raises(ValueError, match=message) as info:
+        read_ground_truth(path)
+    assert str(path) in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- descriptors
+
+
+def test_descriptors_round_trip_sorted_and_aligned(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    query_ids = ["Q3", "Q1", "Q2"]
+    query = rng.standard_normal((3, 16))  # float64 in, float32 out
+    reference_ids = np.array(["R9", "R0", "R5", "R2"])
+    reference = rng.standard_normal((4, 16)).astype(np.float32)
+    path = tmp_path / "d.h5"
+    write_descriptors(path, query_ids, query, reference_ids, reference)
+
+    with h5py.File(path, "r") as f:
+        assert set(f.keys()) == {"query", "reference", "query_ids", "reference_ids"}
+        assert f["query"].dtype == np.float32
+        assert f["reference"].dtype == np.float32
+        assert f["query_ids"].dtype.kind == "S"
+        assert f["reference_ids"][()].tolist() == [b"R0", b"R2", b"R5", b"R9"]
+
+    back = read_descriptors(path)
+    assert back.query_ids.tolist() == ["Q1", "Q2", "Q3"]
+    assert back.reference_ids.tolist() == ["R0", "R2", "R5", "R9"]
+    assert back.query.dtype == np.float32
+    np.testing.assert_array_equal(back.query, query[[1, 2, 0]].astype(np.float32))
+    np.testing.assert_array_equal(back.reference, reference[[1, 3, 2, 0]])
+    assert back.training is None and back.training_ids is None
+    check_descriptor_track(path)  # the official constraints hold
+
+
+def test_descriptors_training_split_round_trip(tmp_path: Path) -> None:
+    x = np.eye(4, dtype=np.float32)
+    path = tmp_path / "d.h5"
+    write_descriptors(path, ["Q0"], x[:1], ["R0"], x[1:2], training_ids=["T1", "T0"], training=x[2:])
+    back = read_descriptors(path)
+    assert back.training_ids.tolist() == ["T0", "T1"]
+    np.testing.assert_array_equal(back.training, x[[3, 2]])
+
+
+def test_descriptor_dimension_cap(tmp_path: Path) -> None:
+    x = np.ones((2, 257), dtype=np.float32)
+    path = tmp_path / "d.h5"
+    with pytest.raises(ValueError, match=r"257 dimensions.*max_dim=256"):
+        write_descriptors(path, ["Q0", "Q1"], x, ["R0", "R1"], x)
+    assert not path.exists()
+    write_descriptors(path, ["Q0", "Q1"], x, ["R0", "R1"], x, max_dim=None)
+    assert read_descriptors(path).dim == 257
+    with pytest.raises(ValueError, match="257 dimensions, more than 256"):
+        check_descriptor_track(path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"query": np.array([[1.0, 2.0], [np.nan, 0.0]])}, "NaN or inf.*'Qb'"),
+        ({"reference": np.array([[1.0, np.inf]])}, "NaN or inf.*'R0'"),
+        ({"reference": np.array([[1e39, 0.0]])}, "NaN or inf.*'R0'"),  # overflows float32
+        ({"query_ids": ["Qa", "Qa"]}, "duplicate.*'Qa'"),
+        ({"query_ids": ["Qa"]}, "1 query_ids but 2 query descriptor rows"),
+        ({"reference": np.ones((1, 3))}, "dimensions differ"),
+        ({"query_ids": [1, 2]}, "must be strings"),
+        ({"query_ids": ["Qa", ""]}, "empty id"),
+    ],
+)
+def test_write_descriptors_refuses_bad_input(tmp_path: Path, kwargs: dict, message: str) -> None:
+    args = {
+        "query_ids": ["Qa", "Qb"],
+        "query": np.ones((2, 2)),
+        "reference_ids": ["R0"],
+        "reference": np.ones((1, 2)),
+    } | kwargs
+    path = tmp_path / "d.h5"
+    with pytest.raises(ValueError, match=message):
+        write_descriptors(path, **args)
+    assert not path.exists()
+
+
+def test_read_descriptors_validates_and_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f["query"] = np.array([[np.nan, 1.0]], dtype=np.float32)
+        f["query_ids"] = np.array([b"Q0"])
+        f["reference"] = np.ones((1, 2), dtype=np.float32)
+        f["reference_ids"] = np.array([b"R0"])
+    with pytest.raises(ValueError, match=r"bad\.h5.*NaN or inf.*'Q0'"):
+        read_descriptors(path)
+
+    with h5py.File(path, "w") as f:
+        f["query"] = np.ones((1, 2), dtype=np.float32)
+        f["query_ids"] = np.array([b"Q0"])
+    with pytest.raises(ValueError, match=r"bad\.h5.*missing dataset"):
+        read_descriptors(path)
+
+    path.write_text("not hdf5")
+    with pytest.raises(ValueError, match=r"bad\.h5.*not a readable HDF5"):
+        read_descriptors(path)
+
+
+def test_check_descriptor_track_flags_unsorted_and_float64(tmp_path: Path) -> None:
+    path = tmp_path / "d.h5"
+    with h5py.File(path, "w") as f:
+        f["query"] = np.ones((2, 2))  # float64
+        f["query_ids"] = np.array([b"Q1", b"Q0"])
+        f["reference"] = np.ones((1, 2), dtype=np.float32)
+        f["reference_ids"] = np.array([b"R0"])
+    assert read_descriptors(path).query.dtype == np.float32  # the reader itself is lenient
+    with pytest.raises(ValueError, match=r"'query' is stored as float64.*not sorted by id") as info:
+        check_descriptor_track(path)
+    assert str(path) in str(info.value)
+
+
+def test_descriptors_dataclass_is_frozen_and_sorts() -> None:
+    d = Descriptors(["Q1", "Q0"], [[1, 1], [0, 0]], ["R0"], [[2, 2]])
+    with pytest.raises(AttributeError):
+        d.query = None  # type: ignore[misc]
+    s = d.sorted()
+    assert s.query_ids.tolist() == ["Q0", "Q1"]
+    assert s.query.tolist() == [[0, 0], [1, 1]]
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+
+
+def _leftovers(folder: Path, keep: set[str]) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+def test_atomic_write_keeps_old_file_when_body_raises(tmp_path: Path) -> None:
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), atomic_write(path) as tmp:
+        tmp.write_text("half-writ")
+        raise RuntimeError("boom")
+    assert path.read_text() == "old"
+    assert _leftovers(tmp_path, {"out.txt"}) == []
+
+    with atomic_write(path) as tmp:
+        assert tmp.parent == path.parent
+        tmp.write_text("new")
+        assert path.read_text() == "old"  # not visible until the body finishes
+    assert path.read_text() == "new"
+    assert _leftovers(tmp_path, {"out.txt"}) == []
+
+
+def test_atomic_write_requires_the_body_to_write(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="never created"), atomic_write(tmp_path / "x.txt"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_predictions_interrupted_midway_keeps_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "p.csv"
+    write_predictions(path, _predictions(5))
+    before = path.read_bytes()
+
+    class Interrupted(Exception):
+        pass
+
+    real_open = open
+
+    class HalfFile:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.f = real_open(*args, **kwargs)  # type: ignore[call-overload]
+
+        def __enter__(self) -> HalfFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def write(self, text: str) -> int:
+            self.f.write(text[: len(text) // 2])
+            raise Interrupted
+
+    monkeypatch.setattr(isc_io, "open", HalfFile, raising=False)
+    with pytest.raises(Interrupted):
+        write_predictions(path, _predictions(9, seed=3))
+    assert path.read_bytes() == before
+    assert _leftovers(tmp_path, {"p.csv"}) == []
+
+
+def test_write_descriptors_interrupted_midway_keeps_previous_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = np.eye(3, dtype=np.float32)
+    path = tmp_path / "d.h5"
+    write_descriptors(path, ["Q0", "Q1", "Q2"], x, ["R0", "R1", "R2"], x)
+    before = path.read_bytes()
+
+    calls = []
+    real_create = h5py.Group.create_dataset
+
+    def failing_create(self: h5py.Group, name: str, *args: object, **kwargs: object) -> h5py.Dataset:
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real_create(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", failing_create)
+    with pytest.raises(OSError, match="disk full"):
+        write_descriptors(path, ["Q9"], x[:1], ["R9"], x[:1])
+    assert len(calls) == 3  # it really failed midway
+    assert path.read_bytes() == before
+    assert _leftovers(tmp_path, {"d.h5"}) == []
+    assert read_descriptors(path).query_ids.tolist() == ["Q0", "Q1", "Q2"]

@@ -1,0 +1,163 @@
+"""``run.py task=evaluate`` end to end on tiny generated DISC21-layout benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import run
+from isc.io import read_descriptors, read_predictions, write_descriptors, write_ground_truth
+from isc.matches import GroundTruth
+
+ROOT = Path(__file__).resolve().parents[1]
+N_REFS, N_MATCHED, N_UNMATCHED, N_TRAIN = 16, 10, 6, 6
+
+
+def random_image(rng: np.random.Generator, size: int = 48) -> Image.Image:
+    """A distinct, structured image: a few random colour blocks upsampled (not white noise)."""
+    blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(blocks).resize((size, size), Image.Resampling.NEAREST)
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory) -> Path:
+    """References, training, and queries that are exact PNG copies of references or unseen images."""
+    root = tmp_path_factory.mktemp("bench")
+    rng = np.random.default_rng(0)
+    for split in ("references", "queries", "training"):
+        (root / split).mkdir()
+    refs = [random_image(rng) for _ in range(N_REFS)]
+    for i, image in enumerate(refs):
+        image.save(root / "references" / f"R{i:06d}.png")
+    for i in range(N_TRAIN):
+        random_image(rng).save(root / "training" / f"T{i:06d}.png")
+    q_ids, r_ids = [], []
+    for q in range(N_MATCHED + N_UNMATCHED):
+        qid = f"Q{q:05d}"
+        if q < N_MATCHED:
+            ref = (q * 7) % N_REFS
+            refs[ref].save(root / "queries" / f"{qid}.png")
+            r_ids.append(f"R{ref:06d}")
+        else:
+            random_image(rng).save(root / "queries" / f"{qid}.png")
+            r_ids.append("")
+        q_ids.append(qid)
+    write_ground_truth(root / "ground_truth.csv", GroundTruth(q_ids, r_ids))
+    return root
+
+
+def perfect_descriptors(benchmark: Path) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """One-hot descriptors: a matched query gets its reference's vector, others an unused direction."""
+    dim = N_REFS + N_UNMATCHED + N_TRAIN
+    eye = np.eye(dim, dtype=np.float32)
+    ref_ids = [f"R{i:06d}" for i in range(N_REFS)]
+    gt = (benchmark / "ground_truth.csv").read_text().splitlines()[1:]
+    query_ids, query = [], []
+    for j, line in enumerate(gt):
+        q, r = line.split(",")
+        query_ids.append(q)
+        query.append(eye[int(r[1:])] if r else eye[N_REFS + j - N_MATCHED])
+    return query_ids, np.stack(query), ref_ids, eye[:N_REFS]
+
+
+def evaluate(overrides: list[str], out_dir: Path) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.output_dir={out_dir}", *overrides])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return run.evaluate(cfg)
+
+
+def test_perfect_descriptors_give_uap_one(benchmark: Path, tmp_path: Path) -> None:
+    q_ids, q, r_ids, r = perfect_descriptors(benchmark)
+    write_descriptors(tmp_path / "in.h5", q_ids, q, r_ids, r, max_dim=None)
+    out = tmp_path / "run"
+    metrics = evaluate([f"dataset.root={benchmark}", f"evaluation.descriptors={tmp_path / 'in.h5'}"], out)
+    assert metrics["uAP"] == pytest.approx(1.0)
+    assert metrics["recall_at_rank1"] == pytest.approx(1.0)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["uAP"] == pytest.approx(1.0)
+    predictions = read_predictions(out / "predictions.csv")
+    assert len(predictions) == len(q_ids) * 10  # k = 10 neighbours per query (conf/evaluation)
+    assert read_descriptors(out / "descriptors.h5").query.shape == q.shape
+
+
+def test_shuffled_descriptors_give_low_uap(benchmark: Path, tmp_path: Path) -> None:
+    q_ids, q, r_ids, r = perfect_descriptors(benchmark)
+    shuffled = np.roll(q[:N_MATCHED], 1, axis=0)  # every matched query now looks like another reference
+    q = np.concatenate([shuffled, q[N_MATCHED:]])
+    write_descriptors(tmp_path / "in.h5", q_ids, q, r_ids, r, max_dim=None)
+    metrics = evaluate(
+        [f"dataset.root={benchmark}", f"evaluation.descriptors={tmp_path / 'in.h5'}"], tmp_path
+    )
+    assert metrics["uAP"] < 0.2
+    assert metrics["recall_at_rank1"] == 0.0
+
+
+def test_extraction_with_pretrained_backbone(benchmark: Path, tmp_path: Path) -> None:
+    """Exact copies get identical descriptors, so the packaged EfficientNet-Lite0 must rank them first."""
+    metrics = evaluate(
+        [
+            f"dataset.root={benchmark}",
+            "debug=default",
+            "evaluation.score_normalization.enabled=false",
+        ],
+        tmp_path,
+    )
+    assert metrics["uAP"] == pytest.approx(1.0)
+    descriptors = read_descriptors(tmp_path / "descriptors.h5")
+    assert descriptors.query.shape == (N_MATCHED + N_UNMATCHED, 1280)
+    assert descriptors.training is not None and descriptors.training.shape == (N_TRAIN, 1280)
+    np.testing.assert_allclose(np.linalg.norm(descriptors.reference, axis=1), 1.0, rtol=1e-5)
+
+
+def test_whitening_and_score_normalisation_path(benchmark: Path, tmp_path: Path) -> None:
+    metrics = evaluate(
+        [
+            f"dataset.root={benchmark}",
+            "debug=default",
+            "evaluation.whitening.enabled=true",
+            f"evaluation.whitening.dim={N_TRAIN - 1}",
+            "evaluation.score_normalization.enabled=true",
+            "evaluation.score_normalization.k=2",
+            "evaluation.descriptor_track_max_dim=256",
+        ],
+        tmp_path,
+    )
+    assert "raw" in metrics and 0.0 <= metrics["uAP"] <= 1.0
+    assert read_descriptors(tmp_path / "descriptors.h5").query.shape[1] == N_TRAIN - 1
+
+
+def test_cli_prints_uap(benchmark: Path, tmp_path: Path) -> None:
+    q_ids, q, r_ids, r = perfect_descriptors(benchmark)
+    write_descriptors(tmp_path / "in.h5", q_ids, q, r_ids, r, max_dim=None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            f"dataset.root={benchmark}",
+            f"evaluation.descriptors={tmp_path / 'in.h5'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ISC_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "uAP = 1.0000" in result.stdout
+    for name in ("metrics.json", "predictions.csv", "descriptors.h5", "config_resolved.yaml"):
+        assert (tmp_path / "run" / name).is_file(), name
+
+
+def test_missing_dataset_root_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate([f"dataset.root={tmp_path / 'nope'}"], tmp_path)

@@ -1,0 +1,249 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from isc.search import faiss_gpu_available, knn, predictions_from_knn, predictions_from_range, range_search
+
+BACKENDS = ["faiss", "torch"]
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return _unit(rng, 300, 64), _unit(rng, 2000, 64)
+
+
+def _brute_knn(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    sims = q.astype(np.float64) @ db.astype(np.float64).T
+    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, idx, axis=1), idx
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_knn_matches_brute_force(data, backend):
+    q, db = data
+    sims, idx = knn(q, db, 10, backend=backend, device="cpu")
+    ref_sims, ref_idx = _brute_knn(q, db, 10)
+    assert sims.shape == (300, 10) and sims.dtype == np.float32
+    assert idx.shape == (300, 10) and idx.dtype == np.int64
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    assert np.all(np.diff(sims, axis=1) <= 0)
+
+
+def test_backends_agree(data):
+    q, db = data
+    s_f, i_f = knn(q, db, 10, backend="faiss", device="cpu")
+    s_t, i_t = knn(q, db, 10, backend="torch", device="cpu")
+    np.testing.assert_array_equal(i_f, i_t)
+    np.testing.assert_allclose(s_f, s_t, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_knn_blocked_equals_unblocked(data, backend):
+    q, db = data
+    s1, i1 = knn(q, db, 7, backend=backend, device="cpu")
+    s2, i2 = knn(q, db, 7, backend=backend, device="cpu", block_size=64, database_block_size=300)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_knn_pads_when_k_exceeds_database(backend):
+    rng = np.random.default_rng(1)
+    q, db = _unit(rng, 5, 8), _unit(rng, 3, 8)
+    sims, idx = knn(q, db, 6, backend=backend, device="cpu", database_block_size=2)
+    ref_sims, ref_idx = _brute_knn(q, db, 3)
+    np.testing.assert_array_equal(idx[:, :3], ref_idx)
+    np.testing.assert_allclose(sims[:, :3], ref_sims, atol=1e-5)
+    assert np.all(idx[:, 3:] == -1)
+    assert np.all(np.isneginf(sims[:, 3:]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_knn_accepts_float64_and_tensors(data, backend):
+    q, db = data
+    s1, i1 = knn(q, db, 5, backend=backend, device="cpu")
+    s2, i2 = knn(
+        torch.from_numpy(q.astype(np.float64)), torch.from_numpy(db), 5, backend=backend, device="cpu"
+    )
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-6)
+
+
+def test_knn_ties_broken_by_index():
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    db = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+    for backend in BACKENDS:
+        _, idx = knn(q, db, 4, backend=backend, device="cpu")
+        np.testing.assert_array_equal(idx, [[1, 3, 0, 2]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("side", ["queries", "database"])
+def test_nan_rows_rejected_with_row_index(data, backend, side):
+    q, db = (x.copy() for x in data)
+    target = q if side == "queries" else db
+    target[17, 3] = np.nan
+    target[40, 0] = np.inf
+    with pytest.raises(ValueError, match=rf"{side} has 2 row\(s\).*first at row 17"):
+        knn(q, db, 3, backend=backend, device="cpu")
+    with pytest.raises(ValueError, match=rf"{side} has 2 row\(s\).*first at row 17"):
+        range_search(q, db, 0.5, backend=backend, device="cpu")
+
+
+def test_input_validation(data):
+    q, db = data
+    with pytest.raises(ValueError, match="dimension"):
+        knn(q, db[:, :32], 3)
+    with pytest.raises(ValueError, match="2-D"):
+        knn(q[0], db, 3)
+    with pytest.raises(ValueError, match="empty"):
+        knn(q[:0], db, 3)
+    with pytest.raises(ValueError, match="database is empty"):
+        knn(q, db[:0], 3)
+    with pytest.raises(TypeError, match="floating"):
+        knn(q.astype(np.int32), db, 3)
+    with pytest.raises(ValueError, match="k must be"):
+        knn(q, db, 0)
+    with pytest.raises(ValueError, match="backend"):
+        knn(q, db, 3, backend="annoy")
+
+
+def _brute_range(q: np.ndarray, db: np.ndarray, threshold: float):
+    sims = q @ db.T  # float32, like both backends
+    qi, di = np.nonzero(sims >= np.float32(threshold))
+    s = sims[qi, di]
+    order = np.lexsort((di, -s, qi))
+    return qi[order], di[order], s[order]
+
+
+def _threshold_in_gap(sims: np.ndarray, near: float) -> float:
+    """A threshold near ``near`` in the widest gap between similarities, so float32 rounding differences
+    between matmul implementations cannot move a pair across it."""
+    values = np.sort(sims[np.abs(sims - near) < 0.01].astype(np.float64))
+    i = int(np.argmax(np.diff(values)))
+    assert values[i + 1] - values[i] > 2e-5
+    return float(values[i] + values[i + 1]) / 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_range_search_matches_brute_force(data, backend):
+    q, db = data
+    threshold = _threshold_in_gap(q @ db.T, 0.3)
+    qi, di, s = range_search(q, db, threshold, backend=backend, device="cpu", block_size=128)
+    rqi, rdi, rs = _brute_range(q, db, threshold)
+    assert len(qi) > 100
+    np.testing.assert_array_equal(qi, rqi)
+    np.testing.assert_array_equal(di, rdi)
+    np.testing.assert_allclose(s, rs, atol=1e-5)
+    assert qi.dtype == np.int64 and di.dtype == np.int64 and s.dtype == np.float32
+
+
+def test_range_search_backends_agree_and_blocking(data):
+    q, db = data
+    threshold = _threshold_in_gap(q @ db.T, 0.35)
+    ref = range_search(q, db, threshold, backend="faiss", device="cpu")
+    for backend in BACKENDS:
+        got = range_search(
+            q, db, threshold, backend=backend, device="cpu", block_size=37, database_block_size=512
+        )
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_allclose(got[2], ref[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_range_search_threshold_is_inclusive(backend):
+    # Exactly representable similarities: 1.0, 0.5 and 0.0.
+    q = np.array([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]], dtype=np.float32)
+    db = np.eye(4, dtype=np.float32)
+    qi, di, s = range_search(q, db, 0.5, backend=backend, device="cpu")
+    np.testing.assert_array_equal(qi, [0, 1, 1])
+    np.testing.assert_array_equal(di, [0, 0, 1])
+    np.testing.assert_array_equal(s, [1.0, 0.5, 0.5])
+    qi, _, _ = range_search(q, db, 1.5, backend=backend, device="cpu")
+    assert qi.shape == (0,)
+
+
+def test_predictions_from_knn_drops_padding():
+    sims = np.array([[0.9, 0.2, -np.inf], [0.8, -np.inf, -np.inf]], dtype=np.float32)
+    idx = np.array([[1, 0, -1], [0, -1, -1]])
+    preds = predictions_from_knn(np.array(["Q0", "Q1"]), np.array(["R0", "R1"]), sims, idx)
+    assert preds.query_ids.tolist() == ["Q0", "Q0", "Q1"]
+    assert preds.reference_ids.tolist() == ["R1", "R0", "R0"]
+    np.testing.assert_allclose(preds.scores, [0.9, 0.2, 0.8], rtol=1e-6)
+
+
+def test_predictions_from_range(data):
+    q, db = data
+    qids = np.array([f"Q{i:05d}" for i in range(len(q))])
+    rids = np.array([f"R{i:06d}" for i in range(len(db))])
+    qi, di, s = range_search(q, db, 0.4, device="cpu")
+    preds = predictions_from_range(qids, rids, qi, di, s)
+    assert len(preds) == len(qi)
+    np.testing.assert_array_equal(preds.query_ids, qids[qi])
+    np.testing.assert_array_equal(preds.reference_ids, rids[di])
+    preds.check_no_duplicates()
+
+
+def test_num_threads_is_restored(data):
+    import faiss
+
+    q, db = data
+    before = faiss.omp_get_max_threads()
+    s1, i1 = knn(q, db, 5, backend="faiss", device="cpu", num_threads=1)
+    assert faiss.omp_get_max_threads() == before
+    range_search(q, db, 0.5, backend="faiss", num_threads=1)
+    assert faiss.omp_get_max_threads() == before
+    s2, i2 = knn(q, db, 5, backend="faiss", device="cpu")
+    np.testing.assert_array_equal(i1, i2)
+
+
+@pytest.mark.skipif(faiss_gpu_available(), reason="this faiss build has GPU support")
+def test_faiss_cuda_request_without_gpu_is_a_clear_error(data):
+    q, db = data
+    with pytest.raises(RuntimeError, match="no GPU support"):
+        knn(q, db, 5, backend="faiss", device="cuda")
+    # "auto" silently uses the CPU.
+    knn(q, db, 5, backend="faiss", device="auto")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_paths_match_cpu(data):
+    q, db = data
+    ref_s, ref_i = knn(q, db, 10, backend="faiss", device="cpu")
+    for backend in BACKENDS:
+        if backend == "faiss" and not faiss_gpu_available():
+            continue
+        s, i = knn(q, db, 10, backend=backend, device="cuda", block_size=100)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_allclose(s, ref_s, atol=1e-5)
+    # CUDA tensors as input, range search on the GPU.
+    s, i = knn(torch.from_numpy(q).cuda(), torch.from_numpy(db).cuda(), 10, backend="torch", device="cuda")
+    np.testing.assert_array_equal(i, ref_i)
+    threshold = _threshold_in_gap(q @ db.T, 0.3)
+    ref = range_search(q, db, threshold, backend="faiss")
+    got = range_search(q, db, threshold, backend="torch", device="cuda", block_size=100)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+
+
+def test_torch_backend_ignores_reduced_matmul_precision(data):
+    q, db = data
+    ref = knn(q, db, 5, backend="torch", device="cpu")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        got = knn(q, db, 5, backend="torch", device="cpu")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    np.testing.assert_array_equal(got[1], ref[1])
