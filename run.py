@@ -19,10 +19,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from isc.benchmark import ensure_embedded_benchmark
-from isc.data import Disc21Layout
+from isc.benchmark import build_benchmark, ensure_embedded_benchmark
+from isc.data import Disc21Layout, find_images
 from isc.evaluation import MatchingSettings, match_descriptors
 from isc.extract import extract_descriptors, image_dataset
+from isc.generate import generate_copies_dataset
 from isc.io import atomic_write, read_descriptors, write_descriptors, write_predictions
 
 log = logging.getLogger("run")
@@ -34,7 +35,7 @@ def dataset_root(cfg: DictConfig) -> Path:
         return Path(cfg.dataset.root).expanduser()
     d = cfg.dataset
     return ensure_embedded_benchmark(
-        instantiate(d.query_transform),
+        instantiate(cfg.query_augmentation),
         cfg.paths.cache_dir,
         d.name,
         n_references=d.n_references,
@@ -152,11 +153,106 @@ def extract_splits(cfg: DictConfig, layout: Disc21Layout) -> tuple[Splits, Split
     return ids, descriptors, skipped
 
 
+def train(cfg: DictConfig) -> dict[str, object]:
+    """Fit ``cfg.model`` on ``cfg.data`` with the configured trainer, loggers and callbacks.
+
+    Pretraining and fine-tuning are both this task with different model/data configs. Loggers are
+    closed (wandb ``finish``) even when training fails, so an offline run is never left half-written.
+    """
+    import lightning.pytorch as L
+
+    if cfg.model is None or cfg.data is None:
+        raise ValueError(
+            f"task={cfg.task} needs model and data configs: pick an experiment, e.g. experiment=..."
+        )
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        for logger in loggers:
+            if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+                logger.experiment.finish()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def _recipe_name(group: str) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return str(HydraConfig.get().runtime.choices.get(group) or "")
+    except ValueError:  # composed outside @hydra.main (tests, notebooks)
+        return ""
+
+
+def generate(cfg: DictConfig) -> dict[str, object]:
+    """Write a D2LV-style training set of augmented copies (sharded, resumable) with the chosen recipe."""
+    g = cfg.generate
+    recipe = _recipe_name("augmentation")
+    summary = generate_copies_dataset(
+        find_images(g.source),
+        g.out_dir,
+        instantiate(cfg.augmentation),
+        copies=g.copies,
+        every=g.every,
+        size=g.size,
+        seed=g.seed,
+        recipe=recipe,
+        shard=g.shard,
+        workers=g.workers,
+        jpeg_quality=g.jpeg_quality,
+    )
+    print(
+        f"{summary.classes} classes ({recipe or 'custom recipe'}): {summary.written} files written, "
+        f"{summary.skipped_existing} already there, {len(summary.failed)} unreadable sources skipped"
+    )
+    print(f"manifest: {summary.manifest}\ncontact sheet: {summary.contact_sheet}")
+    return {
+        "classes": summary.classes,
+        "written": summary.written,
+        "skipped_existing": summary.skipped_existing,
+        "failed": len(summary.failed),
+    }
+
+
+def build_benchmark_task(cfg: DictConfig) -> dict[str, object]:
+    """Make a DISC21-layout benchmark from a pool of images with the chosen query recipe."""
+    b = cfg.benchmark
+    out = build_benchmark(
+        find_images(b.pool),
+        b.out_dir,
+        query_transform=instantiate(cfg.query_augmentation),
+        n_references=b.n_references,
+        n_training=b.n_training,
+        n_queries=b.n_queries,
+        matched_fraction=b.matched_fraction,
+        seed=b.seed,
+        max_side=b.max_side,
+    )
+    print(f"benchmark written to {out}: evaluate it with `python run.py dataset.root={out}`")
+    return {"out_dir": str(out)}
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-TASKS: dict[str, Callable[[DictConfig], dict[str, object]]] = {"evaluate": evaluate}
+TASKS: dict[str, Callable[[DictConfig], dict[str, object]]] = {
+    "evaluate": evaluate,
+    "generate": generate,
+    "build_benchmark": build_benchmark_task,
+    "pretrain": train,
+    "finetune": train,
+}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -168,7 +264,7 @@ def main(cfg: DictConfig) -> float | None:
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out_dir / "config_resolved.yaml", resolve=True)
     metrics = TASKS[cfg.task](cfg)
-    value = metrics.get("uAP")
+    value = metrics.get(cfg.optimized_metric, metrics.get("uAP"))
     return float(value) if isinstance(value, int | float) else None
 
 

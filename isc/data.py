@@ -30,6 +30,7 @@ __all__ = [
     "Disc21Layout",
     "ImageFolderDataset",
     "ImageLoadError",
+    "find_images",
     "image_id",
     "list_images",
     "load_image",
@@ -86,6 +87,28 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
             shown.append(f"{sorted_ids[i]} ({', '.join(sorted(same))})")
         raise ValueError(f"{folder}: {clash.size} image id(s) used by more than one file: {'; '.join(shown)}")
     return [paths[i] for i in order]
+
+
+def find_images(root: str | os.PathLike[str]) -> list[Path]:
+    """Every image file under ``root``, recursively (hidden files and folders skipped), sorted by path.
+
+    For pools of source images (e.g. a photo collection in category folders), where file names need
+    not be unique ids.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [
+            Path(dirpath) / f
+            for f in filenames
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        ]
+    if not found:
+        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+    return sorted(found)
 
 
 @dataclass(frozen=True)
