@@ -198,10 +198,23 @@ def generate(cfg: DictConfig) -> dict[str, object]:
     """Write a D2LV-style training set of augmented copies (sharded, resumable) with the chosen recipe."""
     g = cfg.generate
     recipe = _recipe_name("augmentation")
+    sources = find_images(g.source)
+    if cfg.paste_source is None:  # D2LV pastes other training images under/over a copy
+        listing = Path(g.out_dir) / "paste_sources.txt"
+        with atomic_write(listing) as tmp:
+            tmp.write_text("".join(f"{p}\n" for p in sources))
+        cfg.paste_source = {"_target_": "isc.augment.ImagePool", "paths_file": str(listing)}
+    transform = instantiate(cfg.augmentation)
+    if transform.sources_file:  # e.g. the face-rich subset: a user-given list of images
+        sources = [
+            Path(line.strip())
+            for line in Path(transform.sources_file).read_text().splitlines()
+            if line.strip()
+        ]
     summary = generate_copies_dataset(
-        find_images(g.source),
+        sources,
         g.out_dir,
-        instantiate(cfg.augmentation),
+        transform,
         copies=g.copies,
         every=g.every,
         size=g.size,

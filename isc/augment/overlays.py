@@ -1,0 +1,284 @@
+"""Edits that mix the image with other content: pastes onto/under other images, blends, emoji,
+text, screenshot frames and meme captions.
+
+"Another image" comes from a source (see :mod:`isc.augment.sources`); the default renders random
+textures, so every edit works without data. Assets come from augly but are cached here, and all
+randomness comes from the generator passed at call time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from isc.augment import assets
+from isc.augment.core import Size, as_color, as_range, random_color, to_rgb, uniform
+from isc.augment.sources import ImageSource, as_source, fit
+
+SourceArg = ImageSource | Sequence[str | os.PathLike[str] | Image.Image] | None
+
+_WORD_TEXT = (  # short caption words for memes
+    "when you me that moment lol omg nope yes cat dog monday friday coffee life be like why not so "
+    "much wow hello world best day ever mood real fake news guess what true story my face nobody no "
+    "one else literally me again every time finally weekend boss level win fail"
+)
+WORDS = tuple(_WORD_TEXT.split())
+
+
+def _scaled_box(w: int, h: int, area: float, aspect: float = 1.0) -> Size:
+    """(w, h) covering ``area`` of a w x h canvas with ``aspect`` = new_w/new_h, within the canvas."""
+    nh = math.sqrt(area * w * h / aspect)
+    nw = nh * aspect
+    k = min(1.0, w / nw, h / nh)
+    return max(1, round(nw * k)), max(1, round(nh * k))
+
+
+def _position(rng: np.random.Generator, canvas: Size, box: Size) -> tuple[int, int]:
+    x = int(rng.integers(0, max(0, canvas[0] - box[0]) + 1))
+    y = int(rng.integers(0, max(0, canvas[1] - box[1]) + 1))
+    return x, y
+
+
+class PasteOnBackground:
+    """Shrink the image and paste it onto another image ("underlay" / scale-and-paste).
+
+    ``scale`` is the fraction of the canvas *area* the copy covers (as in RandomResizedCrop), so
+    0.04-0.1 leaves the copy 20-32 % of the side. The canvas keeps the input size and the copy keeps
+    its aspect ratio.
+    """
+
+    def __init__(self, scale: float | Sequence[float] = (0.04, 0.1), source: SourceArg = None) -> None:
+        self.scale, self.source = as_range(scale), as_source(source)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        img = to_rgb(img)
+        w, h = img.size
+        canvas = fit(self.source(rng, (w, h)), (w, h))
+        box = _scaled_box(w, h, uniform(rng, self.scale), w / h)
+        canvas.paste(
+            img.resize(box, Image.Resampling.BILINEAR, reducing_gap=3.0), _position(rng, (w, h), box)
+        )
+        return canvas
+
+    def __repr__(self) -> str:
+        return f"PasteOnBackground(scale={self.scale}, source={self.source!r})"
+
+
+class PasteOver:
+    """Paste another image over part of this one (covering ``scale`` of the area, aspect from
+    ``ratio``) with an opacity drawn from ``opacity``."""
+
+    def __init__(
+        self,
+        scale: float | Sequence[float] = (0.05, 0.3),
+        opacity: float | Sequence[float] = (0.6, 1.0),
+        ratio: Sequence[float] = (0.5, 2.0),
+        source: SourceArg = None,
+    ) -> None:
+        self.scale, self.opacity, self.ratio = as_range(scale), as_range(opacity), as_range(ratio)
+        self.source = as_source(source)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        img = to_rgb(img).copy()
+        w, h = img.size
+        aspect = math.exp(uniform(rng, (math.log(self.ratio[0]), math.log(self.ratio[1]))))
+        box = _scaled_box(w, h, uniform(rng, self.scale), aspect)
+        patch = fit(self.source(rng, box), box)
+        alpha = round(255 * uniform(rng, self.opacity))
+        img.paste(patch, _position(rng, (w, h), box), Image.new("L", box, alpha))
+        return img
+
+    def __repr__(self) -> str:
+        return f"PasteOver(scale={self.scale}, opacity={self.opacity}, source={self.source!r})"
+
+
+class OpacityOverlay:
+    """Show the image with opacity ``alpha`` over another image: ``alpha * img + (1-alpha) * other``.
+
+    alpha = 1 leaves the copy unchanged; low values make it a faint ghost on a different picture
+    (the D2LV ``opa`` set draws alpha from 0.2-1.0).
+    """
+
+    def __init__(self, opacity: float | Sequence[float] = (0.2, 1.0), source: SourceArg = None) -> None:
+        self.opacity, self.source = as_range(opacity), as_source(source)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        img = to_rgb(img)
+        other = fit(self.source(rng, img.size), img.size)
+        return Image.blend(other, img, uniform(rng, self.opacity))
+
+    def __repr__(self) -> str:
+        return f"OpacityOverlay(opacity={self.opacity}, source={self.source!r})"
+
+
+def _scale_alpha(alpha: Image.Image, opacity: float) -> Image.Image:
+    if opacity >= 1.0:
+        return alpha
+    lut = [round(v * opacity) for v in range(256)]
+    return alpha.point(lut)
+
+
+class EmojiOverlay:
+    """Paste a random emoji (augly's twemoji set by default) of side ``size`` x min(w, h)."""
+
+    def __init__(
+        self,
+        size: float | Sequence[float] = (0.1, 0.4),
+        opacity: float | Sequence[float] = (0.6, 1.0),
+        emoji_dir: str | None = None,
+    ) -> None:
+        self.size, self.opacity, self.emoji_dir = as_range(size), as_range(opacity), emoji_dir
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        img = to_rgb(img).copy()
+        paths = assets.emoji_paths(self.emoji_dir)
+        emoji = assets.load_rgba(paths[int(rng.integers(len(paths)))])
+        side = max(1, round(uniform(rng, self.size) * min(img.size)))
+        ew, eh = emoji.size
+        box = (side, max(1, round(side * eh / ew)))
+        emoji = emoji.resize(box, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        mask = _scale_alpha(emoji.getchannel("A"), uniform(rng, self.opacity))
+        img.paste(emoji.convert("RGB"), _position(rng, img.size, box), mask)
+        return img
+
+    def __repr__(self) -> str:
+        return f"EmojiOverlay(size={self.size}, opacity={self.opacity})"
+
+
+class TextOverlay:
+    """Draw random text: ``lines`` lines of ``length`` characters in a random augly font.
+
+    Characters come from the chosen font's own character list (as augly does, so glyphs exist and
+    scripts vary like in ISC queries) unless ``words`` is given. ``font_size`` is a fraction of
+    min(w, h); ``color=None`` draws a random colour.
+    """
+
+    def __init__(
+        self,
+        font_size: float | Sequence[float] = (0.05, 0.2),
+        length: Sequence[int] = (3, 15),
+        lines: Sequence[int] = (1, 2),
+        opacity: float | Sequence[float] = (0.6, 1.0),
+        color: Sequence[int] | None = None,
+        words: Sequence[str] | None = None,
+        fonts_dir: str | None = None,
+    ) -> None:
+        self.font_size, self.opacity = as_range(font_size), as_range(opacity)
+        self.length = (int(length[0]), int(length[1]))
+        self.lines = (int(lines[0]), int(lines[1]))
+        self.color, self.words, self.fonts_dir = as_color(color), (list(words) if words else None), fonts_dir
+
+    def _text(self, rng: np.random.Generator, font_path: str) -> str:
+        out = []
+        for _ in range(int(rng.integers(self.lines[0], self.lines[1] + 1))):
+            n = int(rng.integers(self.length[0], self.length[1] + 1))
+            if self.words:
+                out.append(
+                    " ".join(self.words[int(i)] for i in rng.integers(len(self.words), size=max(1, n // 5)))
+                )
+            else:
+                chars = assets.font_chars(font_path)
+                out.append("".join(chars[int(i)] for i in rng.integers(len(chars), size=n)))
+        return "\n".join(out)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        img = to_rgb(img).copy()
+        w, h = img.size
+        fonts = assets.font_paths(self.fonts_dir)
+        font_path = fonts[int(rng.integers(len(fonts)))]
+        font = assets.font(font_path, max(1, round(uniform(rng, self.font_size) * min(w, h))))
+        text = self._text(rng, font_path)
+        color = random_color(rng) if self.color is None else self.color
+        alpha = round(255 * uniform(rng, self.opacity))
+        xy = (uniform(rng, (0.0, 0.8)) * w, uniform(rng, (0.0, 0.85)) * h)
+        mask = Image.new("L", img.size, 0)
+        ImageDraw.Draw(mask).multiline_text(xy, text, fill=alpha, font=font, spacing=max(1, font.size // 5))
+        box = mask.getbbox()
+        if box is not None:  # blend only where text was drawn
+            img.paste(color, box, mask.crop(box))
+        return img
+
+    def __repr__(self) -> str:
+        return f"TextOverlay(font_size={self.font_size}, length={self.length}, lines={self.lines})"
+
+
+class ScreenshotFrame:
+    """Put the image into a social-media screenshot (augly's web/mobile templates by default).
+
+    The picture is scaled to fit the template's picture box and centred on black, like augly's
+    ``overlay_onto_screenshot``; the output has the template's size.
+    """
+
+    def __init__(self, templates_dir: str | None = None) -> None:
+        self.templates_dir = templates_dir
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        img = to_rgb(img)
+        templates = assets.screenshot_templates(self.templates_dir)
+        template, (x0, y0, x1, y1) = templates[int(rng.integers(len(templates)))]
+        bw, bh = x1 - x0, y1 - y0
+        k = min(bw / img.width, bh / img.height)
+        size = (max(1, min(bw, round(img.width * k))), max(1, min(bh, round(img.height * k))))
+        out = template.copy()
+        out.paste((0, 0, 0), (x0, y0, x1, y1))
+        out.paste(
+            img.resize(size, Image.Resampling.BILINEAR), (x0 + (bw - size[0]) // 2, y0 + (bh - size[1]) // 2)
+        )
+        return out
+
+    def __repr__(self) -> str:
+        return "ScreenshotFrame()"
+
+
+class MemeFormat:
+    """Add a meme caption band above the image (augly's ``meme_format``, rewritten because it calls
+    Pillow's removed ``getsize_multiline``).
+
+    ``caption`` is the band height as a fraction of the image height; the text (random ``words``)
+    is the largest size of the meme font that fits the band.
+    """
+
+    def __init__(
+        self,
+        caption: float | Sequence[float] = (0.15, 0.35),
+        words: Sequence[str] | None = None,
+        n_words: Sequence[int] = (1, 4),
+        text_color: Sequence[int] = (0, 0, 0),
+        bg_color: Sequence[int] | None = (255, 255, 255),
+        font_path: str | None = None,
+    ) -> None:
+        self.caption, self.words = as_range(caption), list(words) if words else list(WORDS)
+        self.n_words = (int(n_words[0]), int(n_words[1]))
+        self.text_color, self.bg_color, self.font_path = as_color(text_color), as_color(bg_color), font_path
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        img = to_rgb(img)
+        w, h = img.size
+        band = max(12, round(uniform(rng, self.caption) * h))
+        n = int(rng.integers(self.n_words[0], self.n_words[1] + 1))
+        text = " ".join(self.words[int(i)] for i in rng.integers(len(self.words), size=n)).upper()
+        bg = random_color(rng) if self.bg_color is None else self.bg_color
+        meme = Image.new("RGB", (w, h + band), bg)
+        meme.paste(img, (0, band))
+        draw = ImageDraw.Draw(meme)
+        path = self.font_path or assets.meme_font_path()
+        size = max(1, band - 10)
+        for _ in range(8):  # shrink proportionally until the text fits the band
+            left, top, right, bottom = draw.textbbox((0, 0), text, font=assets.font(path, size))
+            tw, th = right - left, bottom - top
+            k = min((w - 10) / max(tw, 1), (band - 10) / max(th, 1))
+            if k >= 1.0 or size == 1:
+                break
+            size = max(1, min(size - 1, int(size * k)))
+        f = assets.font(path, size)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=f)
+        xy = ((w - (right - left)) / 2 - left, (band - (bottom - top)) / 2 - top)
+        draw.text(xy, text, fill=self.text_color, font=f)
+        return meme
+
+    def __repr__(self) -> str:
+        return f"MemeFormat(caption={self.caption})"
