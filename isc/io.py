@@ -53,12 +53,13 @@ _CSV_SPECIAL = (",", '"', "\n", "\r")
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_write(path: str | os.PathLike[str], durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step.
 
     The temporary file lives in the same directory so that ``os.replace`` is an atomic rename. If the
     body raises (or the process is interrupted by an exception), the temporary file is deleted and any
-    previous ``path`` is left untouched. The caller creates the temporary file itself (with ``open`` or
+    previous ``path`` is left untouched. ``durable=False`` skips the fsync: still atomic for a killed
+    process, not for a power cut; for bulk outputs (millions of generated images). The caller creates the temporary file itself (with ``open`` or
     ``h5py.File``), so it gets the usual permissions. Parent directories are created.
     """
     path = Path(path)
@@ -68,8 +69,9 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"atomic_write: the body never created {tmp} for {path}")
-        with open(tmp, "rb+") as f:  # flush to disk before the rename makes the file visible
-            os.fsync(f.fileno())
+        if durable:  # flush to disk before the rename makes the file visible (survives power loss)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
