@@ -161,16 +161,23 @@ def train(cfg: DictConfig) -> dict[str, object]:
     """
     import lightning.pytorch as L
 
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # Hydra's root handler prints them
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     if cfg.model is None or cfg.data is None:
         raise ValueError(
             f"task={cfg.task} needs model and data configs: pick an experiment, e.g. experiment=..."
         )
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.dataset.root is None and "retrieval" in (cfg.get("callbacks") or {}):
+        cfg.dataset.root = str(dataset_root(cfg))  # build the embedded benchmark the callback evaluates on
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # A datamodule whose batch sampler shards by rank itself (P x K) must not get Lightning's sampler.
+    sharding = {"use_distributed_sampler": False} if getattr(datamodule, "shards_itself", False) else {}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **sharding)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     try:

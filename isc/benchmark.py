@@ -195,10 +195,10 @@ def default_cache_dir() -> Path:
 def ensure_embedded_benchmark(
     query_transform: QueryTransform,
     cache_dir: str | Path | None = None,
-    name: str = "embedded-v1",
+    name: str = "embedded-v2",
     *,
     n_references: int = 24,
-    n_training: int = 16,
+    n_training: int = 24,
     n_queries: int = 36,
     matched_fraction: float = 2 / 3,
     seed: int = 0,

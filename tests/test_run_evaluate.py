@@ -10,48 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import N_MATCHED, N_REFS, N_TRAIN, N_UNMATCHED
 from hydra import compose, initialize_config_dir
-from PIL import Image
 
 import run
-from isc.io import read_descriptors, read_predictions, write_descriptors, write_ground_truth
-from isc.matches import GroundTruth
+from isc.io import read_descriptors, read_predictions, write_descriptors
 
 ROOT = Path(__file__).resolve().parents[1]
-N_REFS, N_MATCHED, N_UNMATCHED, N_TRAIN = 16, 10, 6, 6
-
-
-def random_image(rng: np.random.Generator, size: int = 48) -> Image.Image:
-    """A distinct, structured image: a few random colour blocks upsampled (not white noise)."""
-    blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
-    return Image.fromarray(blocks).resize((size, size), Image.Resampling.NEAREST)
-
-
-@pytest.fixture(scope="module")
-def benchmark(tmp_path_factory) -> Path:
-    """References, training, and queries that are exact PNG copies of references or unseen images."""
-    root = tmp_path_factory.mktemp("bench")
-    rng = np.random.default_rng(0)
-    for split in ("references", "queries", "training"):
-        (root / split).mkdir()
-    refs = [random_image(rng) for _ in range(N_REFS)]
-    for i, image in enumerate(refs):
-        image.save(root / "references" / f"R{i:06d}.png")
-    for i in range(N_TRAIN):
-        random_image(rng).save(root / "training" / f"T{i:06d}.png")
-    q_ids, r_ids = [], []
-    for q in range(N_MATCHED + N_UNMATCHED):
-        qid = f"Q{q:05d}"
-        if q < N_MATCHED:
-            ref = (q * 7) % N_REFS
-            refs[ref].save(root / "queries" / f"{qid}.png")
-            r_ids.append(f"R{ref:06d}")
-        else:
-            random_image(rng).save(root / "queries" / f"{qid}.png")
-            r_ids.append("")
-        q_ids.append(qid)
-    write_ground_truth(root / "ground_truth.csv", GroundTruth(q_ids, r_ids))
-    return root
 
 
 def perfect_descriptors(benchmark: Path) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
@@ -142,6 +107,7 @@ def test_cli_prints_uap(benchmark: Path, tmp_path: Path) -> None:
         [
             sys.executable,
             "run.py",
+            "task=evaluate",
             f"dataset.root={benchmark}",
             f"evaluation.descriptors={tmp_path / 'in.h5'}",
             f"hydra.run.dir={tmp_path / 'run'}",

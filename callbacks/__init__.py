@@ -1,0 +1,1 @@
+"""Lightning callbacks: per-epoch retrieval evaluation (faiss + official uAP) and galleries."""

@@ -1,0 +1,125 @@
+"""Class-balanced P x K batches of copies for metric fine-tuning (thin Lightning glue over isc.copies)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2 as T
+
+from isc.augment import Transform
+from isc.benchmark import package_photos
+from isc.copies import GeneratedCopiesDataset, OnlineCopiesDataset, PKSampler
+from isc.data import find_images
+
+
+def train_transform(image_size: int, pad: int = 10) -> T.Compose:
+    """D2LV's fine-tuning input pipeline: resize, flip, pad and random crop, then [0, 1] tensors."""
+    return T.Compose(
+        [
+            T.PILToTensor(),
+            T.Resize((image_size, image_size), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.Pad(pad),
+            T.RandomCrop(image_size),
+            T.ToDtype(torch.float32, scale=True),
+        ]
+    )
+
+
+class CopiesDataModule(L.LightningDataModule):
+    """Training classes of copies, either generated on disk or made on the fly.
+
+    - ``generated``: a folder written by ``task=generate`` (``<class_id>/NN.jpg``).
+    - ``sources`` + ``recipe``: online mode; every source image is a class and ``recipe`` makes fresh
+      copies each epoch (no disk). ``sources`` is a folder (searched recursively), a file listing image
+      paths, or ``"embedded"`` for the package photos (use the embedded benchmark's ``training/``
+      split through ``sources=<benchmark>/training`` to keep training disjoint from its queries).
+
+    Batches hold ``p`` classes x ``k`` members; under DDP each rank draws its own classes.
+    """
+
+    shards_itself = True  # run.py then turns off Lightning's distributed sampler injection
+
+    def __init__(
+        self,
+        generated: str | None = None,
+        sources: str | None = None,
+        recipe: Transform | None = None,
+        p: int = 32,
+        k: int = 4,
+        image_size: int = 256,
+        members: int = 4,
+        steps_per_epoch: int | None = None,
+        max_classes: int | None = None,
+        num_workers: int = 4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if (generated is None) == (sources is None):
+            raise ValueError(
+                "give exactly one of data.generated (a folder of copies) or data.sources (online mode)"
+            )
+        if sources is not None and recipe is None:
+            raise ValueError("online mode (data.sources) needs a copy-edit recipe (data.recipe)")
+        self.generated, self.sources, self.recipe = generated, sources, recipe
+        self.p, self.k, self.image_size, self.members = p, k, image_size, members
+        self.steps_per_epoch, self.max_classes = steps_per_epoch, max_classes
+        self.num_workers, self.seed = num_workers, seed
+        self.dataset: GeneratedCopiesDataset | OnlineCopiesDataset | None = None
+
+    def _source_list(self) -> list[Any]:
+        assert self.sources is not None
+        if self.sources == "embedded":
+            return [image for _, image in package_photos()]
+        path = Path(self.sources).expanduser()
+        if path.is_file():
+            return [Path(line.strip()) for line in path.read_text().splitlines() if line.strip()]
+        return list(find_images(path))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        transform = train_transform(self.image_size)
+        if self.generated is not None:
+            self.dataset = GeneratedCopiesDataset(self.generated, transform, max_classes=self.max_classes)
+        else:
+            assert self.recipe is not None
+            sources = self._source_list()[: self.max_classes]
+            self.dataset = OnlineCopiesDataset(
+                sources, self.recipe, members=self.members, transform=transform, seed=self.seed
+            )
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        assert self.dataset is not None
+        return self.dataset.num_classes
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        assert self.dataset is not None
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = PKSampler(
+            self.dataset.targets,
+            p=self.p,
+            k=self.k,
+            num_replicas=world,
+            rank=rank,
+            seed=self.seed,
+            steps_per_epoch=self.steps_per_epoch,
+            on_epoch=getattr(self.dataset, "set_epoch", None),
+        )
+        workers = min(self.num_workers, os.cpu_count() or 1)
+        return DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,  # workers re-created each epoch see the dataset's new epoch
+        )

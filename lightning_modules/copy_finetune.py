@@ -1,0 +1,107 @@
+"""Metric fine-tuning on classes of copies: D2LV (GeM + BN-neck head, 10 x CE + triplet) or SSCD-style losses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from isc.backbones import Trunk
+from isc.heads import WaveBlock
+from isc.metric_losses import D2LVLoss
+from lightning_modules import OptimizerFactory, PretrainModule, SchedulerFactory
+
+
+class CopyFinetune(PretrainModule):
+    """Backbone -> GeM -> head -> loss, trained on P x K batches of copies (``datamodules.copies``).
+
+    - ``head``: a partial of ``isc.heads.BNNeckHead`` (D2LV) or ``isc.heads.ProjectionHead`` (SSCD), completed
+      with the trunk's width, or ``None`` (the pooled feature is the descriptor). The descriptor is the
+      head's L2-normalised output.
+    - ``loss``: a module returning ``{"loss": total, <component>: ...}``. ``D2LVLoss`` gets the pooled feature
+      (D2LV's triplet input) and the classifier logits; every other loss gets the L2-normalised descriptors.
+      A classifier is sized from the datamodule's number of classes when the loss needs one.
+    - ``waveblock``: feature-band erasing (D2LV) applied during training to the outputs of the trunk
+      modules named in ``waveblock_after`` (ResNet: ``layer2``, ``layer3``).
+
+    Learning rates are absolute unless ``base_batch_size`` is set (D2LV: Adam 3.5e-4 at 128 images).
+    """
+
+    def __init__(
+        self,
+        trunk: Trunk,
+        pooling: nn.Module,
+        loss: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        head: Callable[..., nn.Module] | None = None,
+        waveblock: WaveBlock | None = None,
+        waveblock_after: Sequence[str] = ("layer2", "layer3"),
+        lr: float = 3.5e-4,
+        lr_bias_norm: float | None = None,
+        base_batch_size: int | None = None,
+        exclude_bias_and_norm: bool = False,
+    ) -> None:
+        super().__init__(
+            trunk, optimizer, scheduler, pooling, lr, lr_bias_norm, base_batch_size, exclude_bias_and_norm
+        )
+        # The head is a partial: its input width is the trunk's, known only once the trunk is built.
+        self.head = head(in_dim=trunk.out_channels) if head is not None else None
+        self.loss = loss
+        self.waveblock = waveblock
+        if waveblock is not None:
+            self._hook_waveblocks(waveblock_after)
+
+    def _hook_waveblocks(self, names: Sequence[str]) -> None:
+        modules = dict(self.backbone.trunk.named_modules())
+        found = {n: m for n, m in modules.items() if n.split(".")[-1] in names}
+        missing = set(names) - {n.split(".")[-1] for n in found}
+        if missing:
+            raise ValueError(f"waveblock_after names {sorted(missing)} not found in the trunk")
+        for module in found.values():
+            module.register_forward_hook(lambda _m, _inputs, output: self.waveblock(output))
+
+    @property
+    def embed_dim(self) -> int:
+        if self.head is not None and hasattr(self.head, "descriptor_dim"):
+            return int(self.head.descriptor_dim)
+        return int(self.backbone.trunk.out_channels)
+
+    def setup(self, stage: str) -> None:
+        """Size the classifier from the data: D2LV's softmax needs one output per training class."""
+        if not isinstance(self.loss, D2LVLoss) or self.head is None or getattr(self.head, "classifier", None):
+            return
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        num_classes = getattr(datamodule, "num_classes", None)
+        if not num_classes:
+            raise ValueError("the D2LV loss needs a classifier: the datamodule must expose num_classes")
+        classifier = nn.Linear(self.head.out_dim, int(num_classes), bias=False)
+        nn.init.normal_(classifier.weight, std=0.001)
+        self.head.classifier = classifier
+        self.head.num_classes = int(num_classes)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Copy-detection descriptors: (B, 3, H, W) in [0, 1] -> (B, D), L2-normalised."""
+        pooled = self.backbone(images)
+        if self.head is None:
+            return F.normalize(pooled, dim=-1)
+        return self.head.descriptor(pooled)  # type: ignore[operator]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        pooled = self.backbone(images)
+        if isinstance(self.loss, D2LVLoss):
+            if self.head is None:
+                raise ValueError("the D2LV loss needs a BNNeckHead (model.head)")
+            parts = self.loss(pooled, self.head(pooled)["logits"], labels)
+        else:
+            descriptors = (
+                self.head.descriptor(pooled) if self.head is not None else F.normalize(pooled, dim=-1)
+            )
+            parts = self.loss(descriptors, labels)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=False, batch_size=len(labels))
+        self.log("loss", parts["loss"], prog_bar=True, logger=False, batch_size=len(labels))
+        return parts["loss"]

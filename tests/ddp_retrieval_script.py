@@ -1,0 +1,36 @@
+"""Run by test_finetune.py in a subprocess: the retrieval callback under 2-process CPU DDP (gloo).
+
+Usage: python tests/ddp_retrieval_script.py BENCHMARK_ROOT OUT_JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_finetune import PixelEmbedder  # noqa: E402
+
+from callbacks.retrieval import RetrievalEvaluation  # noqa: E402
+
+if __name__ == "__main__":
+    root, out = sys.argv[1], Path(sys.argv[2])
+    callback = RetrievalEvaluation(root, image_size=32, num_workers=0, score_norm_k=2, gallery_queries=0)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[callback],
+    )
+    trainer.fit(PixelEmbedder())
+    if trainer.is_global_zero:
+        out.write_text(json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()}))
