@@ -189,7 +189,23 @@ def train(cfg: DictConfig) -> dict[str, object]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+        _print_uap_summary(callbacks)
     return metrics
+
+
+def _print_uap_summary(callbacks: list[object]) -> None:
+    """Off-the-shelf uAP next to the fine-tuned one, from the retrieval callback's record."""
+    from callbacks.retrieval import RetrievalEvaluation
+
+    for cb in callbacks:
+        if isinstance(cb, RetrievalEvaluation) and cb.history:
+            before, after = cb.baseline.get("val/uAP"), cb.history[-1]["val/uAP"]
+            best = max(range(len(cb.history)), key=lambda i: cb.history[i]["val/uAP"])
+            print(
+                f"uAP before training {_fmt(before)} -> after {len(cb.history)} epoch(s) {_fmt(after)} "
+                f"(best {_fmt(cb.history[best]['val/uAP'])} at epoch {best}; with score normalisation "
+                f"{_fmt(cb.baseline.get('val/uAP_snorm'))} -> {_fmt(cb.history[-1].get('val/uAP_snorm'))})"
+            )
 
 
 def _recipe_name(group: str) -> str:

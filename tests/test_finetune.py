@@ -98,8 +98,6 @@ def tiny(benchmark: Path) -> list[str]:
         "data.num_workers=0",
         "data.p=2",
         "data.k=2",
-        "model.head.hidden_dims=[16]",
-        "model.head.out_dim=8",
         "logger=csv",
     ]
 
@@ -109,20 +107,31 @@ def test_default_main_job_fast_dev_run(benchmark: Path, tmp_path: Path) -> None:
     assert cfg.task == "finetune"  # `python run.py` with no arguments fine-tunes
     metrics = run.train(cfg)
     assert 0.0 <= metrics["val/uAP"] <= 1.0
-    assert {"train/loss", "train/ce", "train/triplet"} <= set(metrics)
+    assert {"train/loss", "train/infonce", "train/entropy"} <= set(metrics)
     assert json.loads((tmp_path / "metrics.json").read_text())["val/uAP"] == metrics["val/uAP"]
 
 
-@pytest.mark.parametrize("loss", ["infonce_entropy", "contrastive_xbm"])
-def test_alternative_losses_fast_dev_run(benchmark: Path, tmp_path: Path, loss: str) -> None:
-    head = (
-        []
-        if loss == "contrastive_xbm"
-        else ["model.head._target_=isc.heads.ProjectionHead", "~model.head.hidden_dims"]
+HEADS = {
+    "bnneck": ["+model.head._target_=isc.heads.BNNeckHead", "+model.head._partial_=true"],
+    "projection": ["+model.head._target_=isc.heads.ProjectionHead", "+model.head._partial_=true"],
+}
+
+
+@pytest.mark.parametrize(
+    ("loss", "head", "components"),
+    [("d2lv", "bnneck", {"ce", "triplet"}), ("contrastive_xbm", "bnneck", {"pos", "neg"}),
+     ("infonce_entropy", "projection", {"infonce", "entropy"})],
+)  # fmt: skip
+def test_losses_and_heads_fast_dev_run(
+    benchmark: Path, tmp_path: Path, loss: str, head: str, components
+) -> None:
+    head_dims = ["+model.head.hidden_dims=[16]"] if head == "bnneck" else []
+    cfg = compose_cfg(
+        [*tiny(benchmark), f"loss={loss}", *HEADS[head], "+model.head.out_dim=8", *head_dims], tmp_path
     )
-    cfg = compose_cfg([*tiny(benchmark), f"loss={loss}", *head], tmp_path)
     metrics = run.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert {f"train/{c}" for c in components} <= set(metrics)
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +208,24 @@ def test_callback_under_ddp_gathers_every_shard_in_order(benchmark: Path, tmp_pa
     metrics = json.loads(out.read_text())
     assert metrics["val/uAP"] == pytest.approx(1.0)
     assert metrics["val/recall_at_rank1"] == pytest.approx(1.0)
+
+
+def test_wandb_logger_runs_offline(benchmark: Path, tmp_path: Path, monkeypatch) -> None:
+    """logger=wandb logs metrics, the resolved config and galleries to an offline run: no network."""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = compose_cfg([*tiny(benchmark), "logger=wandb"], tmp_path)
+    assert cfg.logger.wandb.mode == "offline"
+    run.train(cfg)
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert runs, "no offline wandb run directory was written"
+    history = "".join(p.read_text(errors="ignore") for p in runs[0].rglob("*.wandb"))
+    assert history  # the run's binary log holds the logged metrics
+
+
+def test_optuna_sweep_config_composes() -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hparams_search=optuna"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/uAP"
+    assert "model.lr" in cfg.hydra.sweeper.params
