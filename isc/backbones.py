@@ -136,12 +136,12 @@ class IBN(nn.Module):
 
     def __init__(self, planes: int, ratio: float = 0.5) -> None:
         super().__init__()
-        self.half = int(planes * ratio)
-        self.IN = nn.InstanceNorm2d(self.half, affine=True)
-        self.BN = nn.BatchNorm2d(planes - self.half)
+        self.num_instance = int(planes * ratio)  # not `half`: that would shadow nn.Module.half()
+        self.IN = nn.InstanceNorm2d(self.num_instance, affine=True)
+        self.BN = nn.BatchNorm2d(planes - self.num_instance)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
+        a, b = torch.split(x, [self.num_instance, x.shape[1] - self.num_instance], dim=1)
         return torch.cat([self.IN(a.contiguous()), self.BN(b.contiguous())], dim=1)
 
 
@@ -182,8 +182,7 @@ def _resnet(
     trunk = Trunk(body, 2048, IMAGENET_MEAN, IMAGENET_STD, key_maps=(_resnet_sequential_keys,))
     name = f"ResNet-{depth}" + ("-IBN-a" if ibn else "")
     if weights is not None:
-        report = load_trunk_weights(trunk, weights, prefix=weights_prefix, strict=strict)
-        log.info("%s: %s", name, report)
+        load_trunk_weights(trunk, weights, prefix=weights_prefix, strict=strict)
     else:
         log.info("%s has random weights (pass trunk.weights=/path/to/file to start from a checkpoint)", name)
     return trunk
@@ -241,8 +240,15 @@ class _EfficientNetBody(nn.Module):
         return extract(x)
 
 
-_LITE0_STAGE_OFFSETS = (0, 1, 3, 5, 8, 11, 15)  # flat block index of each stage's first block (depths 1,2,2,3,3,4,1)
-_TIMM_TOP = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1", "classifier": "_fc"}
+# flat block index of each stage's first block (Lite0 stage depths 1, 2, 2, 3, 3, 4, 1)
+_LITE0_STAGE_OFFSETS = (0, 1, 3, 5, 8, 11, 15)
+_TIMM_TOP = {
+    "conv_stem": "_conv_stem",
+    "bn1": "_bn0",
+    "conv_head": "_conv_head",
+    "bn2": "_bn1",
+    "classifier": "_fc",
+}
 _TIMM_FIRST_STAGE = {"conv_dw": "_depthwise_conv", "bn1": "_bn1", "conv_pw": "_project_conv", "bn2": "_bn2"}
 _TIMM_INVERTED = {
     "conv_pw": "_expand_conv",
@@ -256,7 +262,7 @@ _TIMM_INVERTED = {
 
 def _timm_lite0_keys(key: str) -> str | None:
     """timm ``tf_efficientnet_lite0`` naming (``blocks.1.0.conv_pw.weight``) -> efficientnet-lite-pytorch."""
-    m = re.fullmatch(r"blocks\.(\d+)\.(\d+)\.([a-z_]+)\.(.+)", key)
+    m = re.fullmatch(r"blocks\.(\d+)\.(\d+)\.(\w+?)\.(.+)", key)
     if m:
         stage, index, module, rest = int(m[1]), int(m[2]), m[3], m[4]
         table = _TIMM_FIRST_STAGE if stage == 0 else _TIMM_INVERTED
@@ -288,7 +294,7 @@ def efficientnet_lite0(
 
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     if weights is not None:
-        log.info("EfficientNet-Lite0: %s", load_trunk_weights(trunk, weights, prefix=weights_prefix))
+        load_trunk_weights(trunk, weights, prefix=weights_prefix)
     return trunk
 
 
@@ -344,7 +350,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read as a PyTorch checkpoint of tensors ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{path}: cannot read as a PyTorch checkpoint of tensors ({type(e).__name__}: {e})"
+        ) from e
     if isinstance(obj, nn.Module):  # pragma: no cover - weights_only refuses pickled modules anyway
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
@@ -400,10 +408,10 @@ def load_trunk_weights(
     """Load a trunk's weights from any checkpoint layout users hold; report what did not fit.
 
     The rule: keys are flattened (nested dicts -> dotted keys), then the prefix whose removal makes the
-    most keys name a trunk tensor is chosen, trying the trunk's alternative namings too (e.g. timm
-    EfficientNet, ``nn.Sequential`` ResNet encoders). So the official Barlow Twins ``resnet50.pth``
-    (prefix ``""``), a DDP-wrapped ``module.backbone.`` checkpoint, a BYOL ``online_network_state_dict``, a
-    Momentum2-Teacher ``model.module.student_encoder.`` file and this project's Lightning checkpoints
+    most keys name a trunk tensor of the same shape (then: of any shape) is chosen, trying the trunk's
+    alternative namings too (e.g. timm EfficientNet, ``nn.Sequential`` ResNet encoders). So the official
+    Barlow Twins ``resnet50.pth`` (prefix ``""``), a DDP-wrapped ``module.backbone.`` checkpoint, a BYOL
+    ``online_network_state_dict``, a Momentum2-Teacher ``model.module.student_encoder.`` file and this project's Lightning checkpoints
     (``state_dict.backbone.trunk.body.``) all load unchanged. When a student and a teacher/target/EMA copy
     match equally, the student wins; pass ``prefix`` (e.g. ``"teacher.backbone.trunk.body."``, container
     keys may be left out) to choose another network.
@@ -417,14 +425,17 @@ def load_trunk_weights(
     expected = target.state_dict()
     maps: list[KeyMap] = [_identity, *trunk.key_maps]
 
-    counts: dict[tuple[str, int], int] = {}
-    for key in state:
+    # score of each (prefix, naming): (keys naming a trunk tensor of the same shape, keys naming one)
+    counts: dict[tuple[str, int], tuple[int, int]] = {}
+    for key, value in state.items():
         for head, rest in _prefixes(key):
             if not _prefix_allowed(head, prefix):
                 continue
             for m, key_map in enumerate(maps):
-                if key_map(rest) in expected:
-                    counts[head, m] = counts.get((head, m), 0) + 1
+                new = key_map(rest)
+                if new in expected:
+                    fits, named = counts.get((head, m), (0, 0))
+                    counts[head, m] = (fits + (value.shape == expected[new].shape), named + 1)
     if not counts:
         shown = ", ".join(list(state)[:8])
         where = f" under prefix {prefix!r}" if prefix is not None else ""
@@ -466,8 +477,7 @@ def load_trunk_weights(
     if missing and strict:
         raise ValueError(f"{name}: checkpoint lacks trunk tensors (pass strict=False to accept): {report}")
     target.load_state_dict(loaded, strict=False)
-    if missing or unexpected:
-        log.warning("%s", report)
+    log.log(logging.WARNING if missing else logging.INFO, "%s", report)
     return report
 
 

@@ -1,0 +1,1 @@
+"""LightningDataModules: datasets and loaders for training; image handling itself lives in ``isc/``."""
