@@ -83,7 +83,9 @@ def lightning(loader: DataLoader) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=96)
@@ -97,7 +99,9 @@ def main() -> None:
         times["lightning"].append(lightning(loader))
     best = {k: min(v) for k, v in times.items()}
     for k, v in best.items():
-        print(f"{k:9s} {args.steps / v:6.2f} steps/s  (best of {args.rounds}: {v:.2f} s for {args.steps} steps)")
+        print(
+            f"{k:9s} {args.steps / v:6.2f} steps/s  (best of {args.rounds}: {v:.2f} s for {args.steps} steps)"
+        )
     ratio = best["plain"] / best["lightning"]
     print(f"Lightning / plain speed: {ratio:.3f}  (target >= 0.97: {'met' if ratio >= 0.97 else 'NOT met'})")
 

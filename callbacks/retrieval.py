@@ -109,7 +109,9 @@ class RetrievalEvaluation(L.Callback):
             self._layout.validate()
         return self._layout
 
-    def _extract_shard(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[np.ndarray, np.ndarray]:
+    def _extract_shard(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> tuple[np.ndarray, np.ndarray]:
         """This rank's contiguous shard of all benchmark images: (global indices, descriptors)."""
         paths = [p for split in SPLITS if self.layout.has_split(split) for p in self.layout.paths(split)]
         world, rank = trainer.world_size, trainer.global_rank
@@ -170,7 +172,13 @@ class RetrievalEvaluation(L.Callback):
             score_norm_k=self.score_norm_k,
         )
         result = match_descriptors(
-            ids["queries"], parts["queries"], ids["references"], parts["references"], training, ground_truth, settings
+            ids["queries"],
+            parts["queries"],
+            ids["references"],
+            parts["references"],
+            training,
+            ground_truth,
+            settings,
         )
         raw = result.raw_metrics or result.metrics
         assert raw is not None
@@ -203,7 +211,9 @@ def _summary(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items() if "rank10" not in k)
 
 
-def match_gallery(layout: Disc21Layout, result: MatchingResult, n_queries: int, top: int = 4, thumb: int = 96):
+def match_gallery(
+    layout: Disc21Layout, result: MatchingResult, n_queries: int, top: int = 4, thumb: int = 96
+):
     """Rows of (query | top matches), green border = correct match, red = wrong."""
     gt = layout.ground_truth()
     truth = dict(zip(*gt.pairs(), strict=True))
