@@ -229,3 +229,20 @@ def test_optuna_sweep_config_composes() -> None:
         cfg = compose("config", overrides=["hparams_search=optuna"], return_hydra_config=True)
     assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/uAP"
     assert "model.lr" in cfg.hydra.sweeper.params
+
+
+def test_killed_run_resumes_from_last_checkpoint(benchmark: Path, tmp_path: Path) -> None:
+    short = [o for o in tiny(benchmark) if not o.startswith("trainer.fast_dev_run")]
+    short += ["data.steps_per_epoch=1", "trainer.max_epochs=1"]
+    first = compose_cfg(short, tmp_path / "a")
+    run.train(first)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 0 and state["global_step"] == 1
+    resumed = compose_cfg([*short, "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "a")
+    metrics = run.train(resumed)
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert final["global_step"] == 2 and final["epoch"] > state["epoch"]  # continued, not restarted
+    history = next(v for k, v in final["callbacks"].items() if "RetrievalEvaluation" in k)["history"]
+    assert len(history) == 2 and history[-1]["val/uAP"] == pytest.approx(metrics["val/uAP"])
