@@ -1,8 +1,8 @@
 """LightningModules: thin training glue around the framework-free models and losses in ``isc/``.
 
 Modules receive already-built ``nn.Module``s (trunk, pooling, loss) and optimiser / scheduler partials
-from Hydra (``_partial_: true``); nothing here looks names up in registries. This file holds the part
-the pretraining modules share: learning-rate scaling with the global batch, bias/norm param groups and
+from Hydra (``_partial_: true``); nothing here looks names up in registries. This file holds what they all share
+(pretraining and fine-tuning): learning-rate scaling with the global batch, bias/norm param groups and
 the per-step warm-up + cosine schedule.
 """
 
@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from isc.backbones import AvgPool, DescriptorModel, Trunk
 from isc.optim import param_groups
 
-__all__ = ["PretrainModule", "global_batch_size", "schedule_lengths"]
+__all__ = ["BackboneModule", "global_batch_size", "schedule_lengths"]
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -49,8 +49,8 @@ def schedule_lengths(trainer: L.Trainer) -> tuple[int, int]:
     return max(int(total), 1), max(per_epoch, 1)
 
 
-class PretrainModule(L.LightningModule):
-    """Common base of the self-supervised modules: a pooled backbone and the optimiser set-up.
+class BackboneModule(L.LightningModule):
+    """Common base of the training modules (pretraining and fine-tuning): a pooled backbone and the optimiser set-up.
 
     ``backbone`` = input normalisation + trunk + pooling (average by default) without L2 norm, stored as
     ``self.backbone`` so checkpoints keep the trunk under ``backbone.trunk.`` (what fine-tuning loads with

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from isc.backbones import Trunk
-from lightning_modules import OptimizerFactory, PretrainModule, SchedulerFactory
+from lightning_modules import BackboneModule, OptimizerFactory, SchedulerFactory
 
 __all__ = ["BarlowTwins", "barlow_projector"]
 
@@ -38,7 +38,7 @@ def barlow_projector(
     return nn.Sequential(*layers)
 
 
-class BarlowTwins(PretrainModule):
+class BarlowTwins(BackboneModule):
     """Backbone + projector trained with a Barlow Twins loss on two views of each image.
 
     Batches are ``((view1, view2), index)`` with views (B, 3, H, W) in [0, 1]. The loss (e.g.

@@ -12,10 +12,10 @@ from torch import nn
 from isc.backbones import Trunk
 from isc.heads import WaveBlock
 from isc.metric_losses import D2LVLoss
-from lightning_modules import OptimizerFactory, PretrainModule, SchedulerFactory
+from lightning_modules import BackboneModule, OptimizerFactory, SchedulerFactory
 
 
-class CopyFinetune(PretrainModule):
+class CopyFinetune(BackboneModule):
     """Backbone -> GeM -> head -> loss, trained on P x K batches of copies (``datamodules.copies``).
 
     - ``head``: a partial of ``isc.heads.BNNeckHead`` (D2LV) or ``isc.heads.ProjectionHead`` (SSCD), completed
@@ -28,6 +28,8 @@ class CopyFinetune(PretrainModule):
       modules named in ``waveblock_after`` (ResNet: ``layer2``, ``layer3``).
 
     Learning rates are absolute unless ``base_batch_size`` is set (D2LV: Adam 3.5e-4 at 128 images).
+    ``freeze_bn_stats`` keeps the trunk's batch-norm running statistics fixed (affine parameters still
+    train): small CPU batches would otherwise drag the pretrained statistics around.
     """
 
     def __init__(
@@ -44,11 +46,13 @@ class CopyFinetune(PretrainModule):
         lr_bias_norm: float | None = None,
         base_batch_size: int | None = None,
         exclude_bias_and_norm: bool = False,
+        freeze_bn_stats: bool = False,
     ) -> None:
         super().__init__(
             trunk, optimizer, scheduler, pooling, lr, lr_bias_norm, base_batch_size, exclude_bias_and_norm
         )
         # The head is a partial: its input width is the trunk's, known only once the trunk is built.
+        self.freeze_bn_stats = freeze_bn_stats
         self.head = head(in_dim=trunk.out_channels) if head is not None else None
         self.loss = loss
         self.waveblock = waveblock
@@ -63,6 +67,12 @@ class CopyFinetune(PretrainModule):
             raise ValueError(f"waveblock_after names {sorted(missing)} not found in the trunk")
         for module in found.values():
             module.register_forward_hook(lambda _m, _inputs, output: self.waveblock(output))
+
+    def on_train_epoch_start(self) -> None:
+        if self.freeze_bn_stats:
+            for module in self.backbone.trunk.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     @property
     def embed_dim(self) -> int:

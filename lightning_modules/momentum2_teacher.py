@@ -24,7 +24,7 @@ from isc.momentum import (
     set_statistics_momentum,
     statistics_momentum,
 )
-from lightning_modules import OptimizerFactory, PretrainModule, SchedulerFactory
+from lightning_modules import BackboneModule, OptimizerFactory, SchedulerFactory
 
 __all__ = ["Momentum2Teacher", "byol_mlp"]
 
@@ -39,7 +39,7 @@ def byol_mlp(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> nn.Sequ
     )
 
 
-class Momentum2Teacher(PretrainModule):
+class Momentum2Teacher(BackboneModule):
     """Student with predictor, EMA teacher with momentum BN, symmetric loss over both views.
 
     Batches are ``((view1, view2), index)``. Each optimiser step first moves the teacher towards the

@@ -246,3 +246,21 @@ def test_killed_run_resumes_from_last_checkpoint(benchmark: Path, tmp_path: Path
     assert final["global_step"] == 2 and final["epoch"] > state["epoch"]  # continued, not restarted
     history = next(v for k, v in final["callbacks"].items() if "RetrievalEvaluation" in k)["history"]
     assert len(history) == 2 and history[-1]["val/uAP"] == pytest.approx(metrics["val/uAP"])
+
+
+def test_freeze_bn_stats_keeps_running_statistics(benchmark: Path, tmp_path: Path) -> None:
+    """With freeze_bn_stats the trunk's BN running means stay as loaded while its weights train."""
+    short = [o for o in tiny(benchmark) if not o.startswith("trainer.fast_dev_run")]
+    cfg = compose_cfg(
+        [*short, "data.steps_per_epoch=3", "trainer.max_epochs=1", "model.freeze_bn_stats=true"], tmp_path
+    )
+    from hydra.utils import instantiate
+
+    model = instantiate(cfg.model)  # 3 steps: the first has lr 0 (the warm-up starts at 0)
+    before = {n: b.clone() for n, b in model.backbone.trunk.named_buffers() if n.endswith("running_mean")}
+    weights = {n: p.clone() for n, p in model.backbone.trunk.named_parameters()}
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer.fit(model, datamodule=instantiate(cfg.data))
+    after = dict(model.backbone.trunk.named_buffers())
+    assert before and all(torch.equal(before[n], after[n]) for n in before)
+    assert any(not torch.equal(weights[n], p) for n, p in model.backbone.trunk.named_parameters())
