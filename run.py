@@ -19,12 +19,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from isc.benchmark import build_benchmark, ensure_embedded_benchmark
-from isc.data import Disc21Layout, find_images
-from isc.evaluation import MatchingSettings, match_descriptors
-from isc.extract import extract_descriptors, image_dataset
-from isc.generate import generate_copies_dataset
-from isc.io import atomic_write, read_descriptors, write_descriptors, write_predictions
+from isc.data.benchmark import build_benchmark, ensure_embedded_benchmark
+from isc.data.generate import generate_copies_dataset
+from isc.data.images import Disc21Layout, find_images
+from isc.evaluation.extract import extract_descriptors, image_dataset
+from isc.evaluation.io import atomic_write, read_descriptors, write_descriptors, write_predictions
+from isc.evaluation.pipeline import MatchingSettings, match_descriptors
 
 log = logging.getLogger("run")
 

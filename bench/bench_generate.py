@@ -1,6 +1,6 @@
 """End-to-end copy generation throughput (decode + d2lv_base edits + JPEG encode + write).
 
-Runs ``isc.generate.generate_copies_dataset`` on synthetic 500x375 JPEG sources, first in one process
+Runs ``isc.data.generate.generate_copies_dataset`` on synthetic 500x375 JPEG sources, first in one process
 (images/s per core) and then with every core, and prints both with the ratio to D2LV's published
 throughput (about 23 images/s per core: one CPU-day per 2M images) and the multi-core scaling measured
 in this run. See bench_augment.py for the edit pipeline alone.
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from bench_augment import load_recipe  # noqa: E402
 
 from isc.augment import synthetic_image  # noqa: E402
-from isc.generate import generate_copies_dataset  # noqa: E402
+from isc.data.generate import generate_copies_dataset  # noqa: E402
 
 D2LV_IMAGES_PER_S_PER_CORE = 23.0
 

@@ -1,6 +1,6 @@
 """Metrics benchmark: score 500,000 predictions against a DISC21-sized ground truth.
 
-Prints the time of ``isc.metrics.evaluate`` and of a per-pair Python implementation that follows the
+Prints the time of ``isc.evaluation.metrics.evaluate`` and of a per-pair Python implementation that follows the
 official evaluation code's structure (sorted list of tuples, set look-ups, per-query loops), measured
 in the same run on the same data, and their ratio.
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from isc.io import read_ground_truth, read_predictions, write_ground_truth, write_predictions
-from isc.matches import GroundTruth, Predictions
-from isc.metrics import evaluate
+from isc.evaluation.io import read_ground_truth, read_predictions, write_ground_truth, write_predictions
+from isc.evaluation.matches import GroundTruth, Predictions
+from isc.evaluation.metrics import evaluate
 
 
 def make_data(n_pred: int, n_queries: int, n_refs: int, seed: int = 0) -> tuple[GroundTruth, Predictions]:
@@ -104,7 +104,7 @@ def main() -> None:
             lambda: evaluate(read_ground_truth(gt_csv), read_predictions(pred_csv)), args.repeat
         )
     print(f"uAP {metrics.uAP:.4f}  recall@rank1 {metrics.recall_at_rank1:.4f}")
-    print(f"isc.metrics.evaluate           {ours:7.3f} s")
+    print(f"isc.evaluation.metrics.evaluate           {ours:7.3f} s")
     print(f"  including reading both CSVs  {with_io:7.3f} s")
     print(f"official-style per-pair loops  {baseline:7.3f} s")
     print(

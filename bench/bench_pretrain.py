@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import isc.backbones as backbones  # noqa: E402
-from isc.losses import BarlowTwinsLoss, BYOLLoss  # noqa: E402
-from isc.optim import LARS, param_groups  # noqa: E402
+import isc.models.trunks as backbones  # noqa: E402
+from isc.losses.ssl import BarlowTwinsLoss, BYOLLoss  # noqa: E402
+from isc.train.optim import LARS, param_groups  # noqa: E402
 from lightning_modules.barlow_twins import BarlowTwins  # noqa: E402
 from lightning_modules.momentum2_teacher import Momentum2Teacher  # noqa: E402
 

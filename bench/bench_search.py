@@ -1,4 +1,4 @@
-"""Time exact kNN search with the faiss and torch backends of ``isc.search`` in the same run.
+"""Time exact kNN search with the faiss and torch backends of ``isc.evaluation.search`` in the same run.
 
 Random L2-normalised descriptors stand in for real ones (exact search cost does not depend on the data).
 Defaults run in well under 30 s on 2 CPU cores; on a GPU machine both backends use the GPU when they can.
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from isc.search import faiss_gpu_available, knn, range_search  # noqa: E402
+from isc.evaluation.search import faiss_gpu_available, knn, range_search  # noqa: E402
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Per-epoch copy-detection evaluation: descriptors -> faiss index -> official uAP, logged everywhere.
 
 Under DDP each rank embeds its own contiguous shard of the benchmark images; rank 0 gathers them,
-searches and scores (``isc.evaluation``, the same code as ``run.py task=evaluate``), then broadcasts
+searches and scores (``isc.evaluation.pipeline``, the same code as ``run.py task=evaluate``), then broadcasts
 the metrics so every rank logs identical values and ``ModelCheckpoint(monitor="val/uAP")`` agrees.
 """
 
@@ -18,9 +18,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch import nn
 
-from isc.data import Disc21Layout
-from isc.evaluation import MatchingResult, MatchingSettings, match_descriptors
-from isc.extract import extract_descriptors, image_dataset
+from isc.data.images import Disc21Layout
+from isc.evaluation.extract import extract_descriptors, image_dataset
+from isc.evaluation.pipeline import MatchingResult, MatchingSettings, match_descriptors
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Class-balanced P x K batches of copies for metric fine-tuning (thin Lightning glue over isc.copies)."""
+"""Class-balanced P x K batches of copies for metric fine-tuning (thin Lightning glue over isc.data.copies)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
 from isc.augment import Transform
-from isc.benchmark import package_photos
-from isc.copies import GeneratedCopiesDataset, OnlineCopiesDataset, PKSampler
-from isc.data import find_images
+from isc.data.benchmark import package_photos
+from isc.data.copies import GeneratedCopiesDataset, OnlineCopiesDataset, PKSampler
+from isc.data.images import find_images
 
 
 def train_transform(image_size: int, pad: int = 10) -> T.Compose:

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from isc.data import IMAGE_EXTENSIONS, ImageFolderDataset
-from isc.data import find_images as isc_find_images
-from isc.ssl_views import TwoViews
+from isc.data.images import IMAGE_EXTENSIONS, ImageFolderDataset
+from isc.data.images import find_images as isc_find_images
+from isc.train.views import TwoViews
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ __all__ = ["PretrainDataModule", "find_images"]
 def find_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
     """Image files under ``root`` (sub-folders too if ``recursive``), sorted by path; hidden entries skipped.
 
-    Unlike :func:`isc.data.list_images`, names may repeat across sub-folders (``cat/0001.jpg``,
+    Unlike :func:`isc.data.images.list_images`, names may repeat across sub-folders (``cat/0001.jpg``,
     ``dog/0001.jpg``): pretraining never uses ids. Raises ``FileNotFoundError`` when there is none.
     """
     root = Path(root).expanduser()

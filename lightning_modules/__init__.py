@@ -16,8 +16,10 @@ import lightning.pytorch as L
 from torch import nn
 from torch.optim import Optimizer
 
-from isc.backbones import AvgPool, DescriptorModel, Trunk
-from isc.optim import param_groups
+from isc.models.descriptor import DescriptorModel
+from isc.models.pooling import AvgPool
+from isc.models.trunks import Trunk
+from isc.train.optim import param_groups
 
 __all__ = ["BackboneModule", "global_batch_size", "schedule_lengths"]
 

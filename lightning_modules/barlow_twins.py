@@ -13,36 +13,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from isc.backbones import Trunk
+from isc.models.projectors import barlow_projector
+from isc.models.trunks import Trunk
 from lightning_modules import BackboneModule, OptimizerFactory, SchedulerFactory
 
-__all__ = ["BarlowTwins", "barlow_projector"]
-
-
-def barlow_projector(
-    in_dim: int, dims: Sequence[int] = (8192, 8192, 8192), batch_norm: bool = True
-) -> nn.Sequential:
-    """Official Barlow Twins projector: (Linear - BN - ReLU) x (len(dims) - 1), then Linear; no biases.
-
-    (B, in_dim) -> (B, dims[-1]). ``batch_norm=False`` drops the BN layers (only for tests of the loss's
-    own cross-process reductions: SyncBatchNorm has no CPU implementation).
-    """
-    sizes = [in_dim, *(int(d) for d in dims)]
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
-        layers.append(nn.Linear(a, b, bias=False))
-        if batch_norm:
-            layers.append(nn.BatchNorm1d(b))
-        layers.append(nn.ReLU(inplace=True))
-    layers.append(nn.Linear(sizes[-2], sizes[-1], bias=False))
-    return nn.Sequential(*layers)
+__all__ = ["BarlowTwins"]
 
 
 class BarlowTwins(BackboneModule):
     """Backbone + projector trained with a Barlow Twins loss on two views of each image.
 
     Batches are ``((view1, view2), index)`` with views (B, 3, H, W) in [0, 1]. The loss (e.g.
-    :class:`isc.losses.BarlowTwinsLoss`) standardises and cross-correlates over the *global* batch, so
+    :class:`isc.losses.ssl.BarlowTwinsLoss`) standardises and cross-correlates over the *global* batch, so
     ``train/loss`` is the same on every rank and needs no sync.
     """
 

@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isc.backbones import Trunk
-from isc.heads import WaveBlock
-from isc.metric_losses import D2LVLoss
+from isc.losses.metric import D2LVLoss
+from isc.models.heads import WaveBlock
+from isc.models.trunks import Trunk
 from lightning_modules import BackboneModule, OptimizerFactory, SchedulerFactory
 
 
 class CopyFinetune(BackboneModule):
     """Backbone -> GeM -> head -> loss, trained on P x K batches of copies (``datamodules.copies``).
 
-    - ``head``: a partial of ``isc.heads.BNNeckHead`` (D2LV) or ``isc.heads.ProjectionHead`` (SSCD), completed
+    - ``head``: a partial of ``isc.models.heads.BNNeckHead`` (D2LV) or ``isc.models.heads.ProjectionHead`` (SSCD), completed
       with the trunk's width, or ``None`` (the pooled feature is the descriptor). The descriptor is the
       head's L2-normalised output.
     - ``loss``: a module returning ``{"loss": total, <component>: ...}``. ``D2LVLoss`` gets the pooled feature

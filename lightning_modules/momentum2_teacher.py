@@ -3,7 +3,7 @@
 A BYOL-style student (backbone -> projector -> predictor) regresses the projections of an EMA teacher
 (backbone -> projector) on the other view; the teacher's momentum follows
 ``1 - (1 - 0.99)(cos(pi k / K) + 1) / 2`` and its batch norms use *momentum statistics*
-(:class:`isc.momentum.MomentumBatchNorm`), the method's point: stable teacher statistics without
+(:class:`isc.models.momentum.MomentumBatchNorm`), the method's point: stable teacher statistics without
 cross-GPU BN sync. D2LV pretrained ResNet-152 and ResNet-50-IBN-a this way: SGD momentum 0.9, wd 1e-4,
 lr 0.05 per 256 images, 10 warm-up epochs then cosine (``conf/experiment/pretrain_m2t_*``).
 """
@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from isc.backbones import Trunk
-from isc.momentum import (
+from isc.models.momentum import (
     commit_statistics,
     cosine_momentum,
     ema_update_,
@@ -24,28 +23,20 @@ from isc.momentum import (
     set_statistics_momentum,
     statistics_momentum,
 )
+from isc.models.projectors import byol_mlp
+from isc.models.trunks import Trunk
 from lightning_modules import BackboneModule, OptimizerFactory, SchedulerFactory
 
-__all__ = ["Momentum2Teacher", "byol_mlp"]
-
-
-def byol_mlp(in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> nn.Sequential:
-    """BYOL projector / predictor: Linear - BN - ReLU - Linear, (B, in_dim) -> (B, out_dim)."""
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim),
-        nn.BatchNorm1d(hidden_dim),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim),
-    )
+__all__ = ["Momentum2Teacher"]
 
 
 class Momentum2Teacher(BackboneModule):
     """Student with predictor, EMA teacher with momentum BN, symmetric loss over both views.
 
     Batches are ``((view1, view2), index)``. Each optimiser step first moves the teacher towards the
-    student (momentum from :func:`isc.momentum.cosine_momentum` at the current step), then the teacher
+    student (momentum from :func:`isc.models.momentum.cosine_momentum` at the current step), then the teacher
     embeds both views with momentum statistics (weight of the batch from
-    :func:`isc.momentum.statistics_momentum`) and updates them once. ``loss(q1, q2, k1, k2)`` receives
+    :func:`isc.models.momentum.statistics_momentum`) and updates them once. ``loss(q1, q2, k1, k2)`` receives
     the student's predictions of views 1/2 and the teacher's projections of views 2/1.
     ``momentum_bn=False`` gives plain BYOL (teacher BN with batch statistics).
     """

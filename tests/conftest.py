@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from isc.io import write_ground_truth
-from isc.matches import GroundTruth
+from isc.evaluation.io import write_ground_truth
+from isc.evaluation.matches import GroundTruth
 
 N_REFS, N_MATCHED, N_UNMATCHED, N_TRAIN = 16, 10, 6, 6
 

@@ -19,8 +19,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from isc.backbones import Trunk  # noqa: E402
-from isc.losses import BarlowTwinsLoss  # noqa: E402
+from isc.losses.ssl import BarlowTwinsLoss  # noqa: E402
+from isc.models.trunks import Trunk  # noqa: E402
 from lightning_modules.barlow_twins import BarlowTwins  # noqa: E402
 
 N_SAMPLES, BATCH, SIZE = 8, 4, 12

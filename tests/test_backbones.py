@@ -9,20 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isc.backbones import (
-    IBN,
-    AvgPool,
-    DescriptorModel,
-    GeM,
-    Trunk,
-    efficientnet_lite0,
-    load_state_dict_file,
-    load_trunk_weights,
-    read_checkpoint,
-    resnet50,
-    resnet50_ibn_a,
-    resnet152,
-)
+from isc.models.checkpoints import load_state_dict_file, load_trunk_weights, read_checkpoint
+from isc.models.descriptor import DescriptorModel
+from isc.models.pooling import AvgPool, GeM
+from isc.models.trunks import IBN, Trunk, efficientnet_lite0, resnet50, resnet50_ibn_a, resnet152
 
 
 @pytest.fixture(scope="module")

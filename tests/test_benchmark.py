@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from isc.augment import synthetic_image
-from isc.benchmark import build_benchmark, ensure_embedded_benchmark, package_photos
-from isc.data import Disc21Layout
+from isc.data.benchmark import build_benchmark, ensure_embedded_benchmark, package_photos
+from isc.data.images import Disc21Layout
 
 
 def identity(image: Image.Image, rng: np.random.Generator) -> Image.Image:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from isc.augment import Compose, RandomResizedCrop, Resize, synthetic_image
-from isc.copies import GeneratedCopiesDataset, OnlineCopiesDataset, PKSampler
+from isc.data.copies import GeneratedCopiesDataset, OnlineCopiesDataset, PKSampler
 
 
 def test_pk_batches_have_p_classes_of_k() -> None:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from isc.data import (
+from isc.data.images import (
     IMAGE_EXTENSIONS,
     Disc21Layout,
     ImageFolderDataset,
@@ -20,8 +20,8 @@ from isc.data import (
     load_image,
     scan_images,
 )
-from isc.io import write_ground_truth
-from isc.matches import GroundTruth
+from isc.evaluation.io import write_ground_truth
+from isc.evaluation.matches import GroundTruth
 
 W, H = 40, 24
 
@@ -238,9 +238,9 @@ def test_truncated_png_fails(tmp_path: Path) -> None:
 def test_load_truncated_images_flag_is_not_set_and_is_warned_about(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # importing isc.data must not switch it on
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # importing isc.data.images must not switch it on
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
-    with caplog.at_level(logging.WARNING, logger="isc.data"):
+    with caplog.at_level(logging.WARNING, logger="isc.data.images"):
         load_image(_photo(tmp_path / "ok.png", format="PNG"))
     assert "LOAD_TRUNCATED_IMAGES" in caplog.text
 
@@ -288,7 +288,7 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 def test_dataset_skip_bad_counts_and_skips(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     good, bad = _mixed_folder(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="isc.data"):
+    with caplog.at_level(logging.WARNING, logger="isc.data.images"):
         dataset = ImageFolderDataset.from_folder(tmp_path, transform=_to_tensor, skip_bad=True)
     assert f"skipping {len(bad)} of {len(bad) + len(good)}" in caplog.text
     assert len(dataset) == len(good)

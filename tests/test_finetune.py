@@ -112,8 +112,8 @@ def test_default_main_job_fast_dev_run(benchmark: Path, tmp_path: Path) -> None:
 
 
 HEADS = {
-    "bnneck": ["+model.head._target_=isc.heads.BNNeckHead", "+model.head._partial_=true"],
-    "projection": ["+model.head._target_=isc.heads.ProjectionHead", "+model.head._partial_=true"],
+    "bnneck": ["+model.head._target_=isc.models.heads.BNNeckHead", "+model.head._partial_=true"],
+    "projection": ["+model.head._target_=isc.models.heads.ProjectionHead", "+model.head._partial_=true"],
 }
 
 

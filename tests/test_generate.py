@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from isc.augment import Compose, GaussianBlur, RandomResizedCrop, Resize, Rotate, synthetic_image
-from isc.generate import generate_copies_dataset, parse_shard, select_classes
+from isc.data.generate import generate_copies_dataset, parse_shard, select_classes
 
 COPIES, SIZE = 3, 64
 

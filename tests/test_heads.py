@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from isc.heads import BNNeckHead, ProjectionHead, WaveBlock
+from isc.models.heads import BNNeckHead, ProjectionHead, WaveBlock
 
 # --- WaveBlock -----------------------------------------------------------------------------------------------
 

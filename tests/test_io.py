@@ -7,8 +7,8 @@ import h5py
 import numpy as np
 import pytest
 
-from isc import io as isc_io
-from isc.io import (
+from isc.evaluation import io as isc_io
+from isc.evaluation.io import (
     Descriptors,
     atomic_write,
     check_descriptor_track,
@@ -19,7 +19,7 @@ from isc.io import (
     write_ground_truth,
     write_predictions,
 )
-from isc.matches import GroundTruth, Predictions
+from isc.evaluation.matches import GroundTruth, Predictions
 
 
 def _predictions(n: int, seed: int = 0) -> Predictions:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from isc.metric_losses import (
+from isc.losses.metric import (
     ContrastiveLoss,
     CrossBatchMemory,
     D2LVLoss,

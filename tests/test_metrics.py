@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from isc.matches import GroundTruth, Predictions
-from isc.metrics import evaluate, main, match_ranks
+from isc.evaluation.matches import GroundTruth, Predictions
+from isc.evaluation.metrics import evaluate, main, match_ranks
 
 
 def gt(rows: list[tuple[str, str]]) -> GroundTruth:

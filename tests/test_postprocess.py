@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from isc.postprocess import PCAWhitening, fold_score_normalization, l2_normalize, normalize_scores, query_bias
-from isc.search import knn, range_search
+from isc.evaluation.postprocess import (
+    PCAWhitening,
+    fold_score_normalization,
+    l2_normalize,
+    normalize_scores,
+    query_bias,
+)
+from isc.evaluation.search import knn, range_search
 
 
 def _correlated(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -15,17 +15,18 @@ from PIL import Image
 from torch import nn
 
 from datamodules.pretrain import PretrainDataModule, find_images
-from isc.backbones import Trunk, load_trunk_weights
-from isc.losses import BarlowTwinsLoss, BYOLLoss, barlow_twins_loss, byol_loss, cross_correlation
-from isc.momentum import (
+from isc.losses.ssl import BarlowTwinsLoss, BYOLLoss, barlow_twins_loss, byol_loss, cross_correlation
+from isc.models.checkpoints import load_trunk_weights
+from isc.models.momentum import (
     MomentumBatchNorm,
     cosine_momentum,
     ema_update_,
     make_teacher,
     statistics_momentum,
 )
-from isc.optim import LARS, WarmupCosineLR, param_groups, warmup_cosine_factor
-from isc.ssl_views import TwoViews, blur_kernel_size
+from isc.models.trunks import Trunk
+from isc.train.optim import LARS, WarmupCosineLR, param_groups, warmup_cosine_factor
+from isc.train.views import TwoViews, blur_kernel_size
 from lightning_modules.barlow_twins import BarlowTwins
 from lightning_modules.momentum2_teacher import Momentum2Teacher
 
@@ -425,14 +426,14 @@ def test_experiment_fast_dev_run(experiment: str, images: Path, tmp_path: Path) 
 
 def test_experiments_pin_the_reference_hyper_parameters(images: Path, tmp_path: Path) -> None:
     bt = compose_experiment("pretrain_barlow_r50", tmp_path, images)
-    assert bt.backbone.trunk._target_ == "isc.backbones.resnet50"
+    assert bt.backbone.trunk._target_ == "isc.models.trunks.resnet50"
     assert list(bt.model.projector_dims) == [8192, 8192, 8192]
     assert (bt.model.lr, bt.model.lr_bias_norm, bt.model.loss.lambda_offdiag) == (0.2, 0.0048, 0.0051)
-    assert bt.model.optimizer._target_ == "isc.optim.LARS" and bt.trainer.max_epochs == 1000
+    assert bt.model.optimizer._target_ == "isc.train.optim.LARS" and bt.trainer.max_epochs == 1000
     assert bt.model.scheduler.warmup_epochs == 10
     for name, arch in (("pretrain_m2t_r152", "resnet152"), ("pretrain_m2t_r50ibn", "resnet50_ibn_a")):
         m2t = compose_experiment(name, tmp_path, images)
-        assert m2t.backbone.trunk._target_ == f"isc.backbones.{arch}"
+        assert m2t.backbone.trunk._target_ == f"isc.models.trunks.{arch}"
         assert m2t.model.optimizer._target_ == "torch.optim.SGD"
         assert (m2t.model.optimizer.momentum, m2t.model.optimizer.weight_decay) == (0.9, 1e-4)
         assert (m2t.model.lr, m2t.model.base_momentum, m2t.model.momentum_bn) == (0.05, 0.99, True)

@@ -14,7 +14,7 @@ from conftest import N_MATCHED, N_REFS, N_TRAIN, N_UNMATCHED
 from hydra import compose, initialize_config_dir
 
 import run
-from isc.io import read_descriptors, read_predictions, write_descriptors
+from isc.evaluation.io import read_descriptors, read_predictions, write_descriptors
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from isc.search import faiss_gpu_available, knn, predictions_from_knn, predictions_from_range, range_search
+from isc.evaluation.search import (
+    faiss_gpu_available,
+    knn,
+    predictions_from_knn,
+    predictions_from_range,
+    range_search,
+)
 
 BACKENDS = ["faiss", "torch"]
 

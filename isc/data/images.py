@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from isc.io import read_ground_truth
-from isc.matches import GroundTruth
+from isc.evaluation.io import read_ground_truth
+from isc.evaluation.matches import GroundTruth
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -18,9 +18,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from isc.train.dist import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
 
 __all__ = [
     "ContrastiveLoss",
@@ -28,7 +29,6 @@ __all__ = [
     "D2LVLoss",
     "InfoNCEEntropyLoss",
     "TripletLoss",
-    "all_gather_with_grad",
     "batch_hard_triplet_loss",
     "contrastive_loss",
     "contrastive_loss_terms",
@@ -43,65 +43,6 @@ Distance = Literal["cosine", "euclidean"]
 Reduction = Literal["nonzero_mean", "mean"]
 
 
-# --- distributed helpers ----------------------------------------------------------------------------------
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward sums the incoming gradients over ranks and keeps the local slice.
-
-    The sum is needed because rank ``r``'s loss also depends on rank ``q``'s embeddings (as candidates);
-    without it each rank would only see the gradient of its own loss and miss the cross terms.
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x)
-        ctx.rank = dist.get_rank()  # type: ignore[attr-defined]
-        ctx.batch = x.shape[0]  # type: ignore[attr-defined]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = ctx.rank * ctx.batch  # type: ignore[attr-defined]
-        return grad[start : start + ctx.batch]  # type: ignore[attr-defined]
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (B, ...) from all ranks in rank order -> (W*B, ...), differentiably.
-
-    Gradients flow back to the local part: rank ``q`` receives the sum over ranks of the gradients with
-    respect to its slice, which with DDP's gradient averaging gives the exact gradient of the mean of
-    the per-rank losses. Identity (the same tensor) when ``torch.distributed`` is not initialised.
-    Every rank must pass the same shape.
-    """
-    if _world_size() == 1:
-        return x
-    out: torch.Tensor = _AllGatherWithGrad.apply(x)
-    return out
-
-
-def _all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks (no autograd): labels, or detached embeddings for a memory bank."""
-    if _world_size() == 1:
-        return x
-    x = x.detach().contiguous()
-    parts = [torch.empty_like(x) for _ in range(_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
-
-
 def _candidates(
     embeddings: torch.Tensor, labels: torch.Tensor, gather_distributed: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,8 +52,8 @@ def _candidates(
     column ``rank*B + i``.
     """
     b = embeddings.shape[0]
-    if gather_distributed and _world_size() > 1:
-        ref, ref_labels, offset = all_gather_with_grad(embeddings), _all_gather_no_grad(labels), _rank() * b
+    if gather_distributed and get_world_size() > 1:
+        ref, ref_labels, offset = all_gather_with_grad(embeddings), all_gather_no_grad(labels), get_rank() * b
     else:
         ref, ref_labels, offset = embeddings, labels, 0
     rows = torch.arange(b, device=embeddings.device)
@@ -580,7 +521,7 @@ class CrossBatchMemory(nn.Module):
         out["memory_fill"] = self.num_filled.to(embeddings.dtype) / self.memory_size
         if self.training:
             if self.loss.gather_distributed:
-                self.enqueue(_all_gather_no_grad(embeddings), _all_gather_no_grad(labels))
+                self.enqueue(all_gather_no_grad(embeddings), all_gather_no_grad(labels))
             else:
                 self.enqueue(embeddings, labels)
         return out

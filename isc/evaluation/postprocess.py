@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isc.search import Backend, knn
+from isc.evaluation.search import Backend, knn
 
 __all__ = [
     "PCAWhitening",

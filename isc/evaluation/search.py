@@ -10,7 +10,7 @@ Two interchangeable backends give the same answers (up to float32 rounding and e
   similarity tile never exceeds ``block_size x database_block_size`` floats (1 GiB with the defaults).
 
 All computation is in float32 (faiss's only type); inputs may be numpy float32/float64 arrays or torch
-tensors; outputs are numpy. Rows are not re-normalised here: normalise with ``isc.postprocess.l2_normalize``.
+tensors; outputs are numpy. Rows are not re-normalised here: normalise with ``isc.evaluation.postprocess.l2_normalize``.
 
 Conventions shared by both backends:
 
@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 import torch
 
-from isc.matches import Predictions
+from isc.evaluation.matches import Predictions
 
 __all__ = [
     "FAISS_GPU_MAX_K",

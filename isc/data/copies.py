@@ -2,7 +2,7 @@
 
 A class is one source image; its members are the original and its edited copies. Two datasets serve
 the same ``(image, class_index)`` items, so a fine-tuning run can switch between a generated set on
-disk (``isc.generate``) and the same recipe applied on the fly (no disk) with one config change. The
+disk (``isc.data.generate``) and the same recipe applied on the fly (no disk) with one config change. The
 :class:`PKSampler` draws batches of P classes x K members, the batch layout that batch-hard triplet and
 InfoNCE losses need, and gives each DDP rank disjoint classes.
 """
@@ -19,13 +19,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from isc.augment import Transform, rng_for
-from isc.data import IMAGE_EXTENSIONS, load_image
+from isc.data.images import IMAGE_EXTENSIONS, load_image
 
 __all__ = ["GeneratedCopiesDataset", "OnlineCopiesDataset", "PKSampler"]
 
 
 class GeneratedCopiesDataset(Dataset):
-    """A generated set (``root/<class_id>/NN.jpg``, see :mod:`isc.generate`) as ``(image, class_index)``.
+    """A generated set (``root/<class_id>/NN.jpg``, see :mod:`isc.data.generate`) as ``(image, class_index)``.
 
     ``classes`` may cap how many classes are used (the first ones in sorted order) for quick runs.
     """

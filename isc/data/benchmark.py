@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from isc.data import load_image
-from isc.io import write_ground_truth
-from isc.matches import GroundTruth
+from isc.data.images import load_image
+from isc.evaluation.io import write_ground_truth
+from isc.evaluation.matches import GroundTruth
 
 log = logging.getLogger(__name__)
 

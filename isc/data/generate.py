@@ -28,8 +28,8 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from isc.augment import Resize, Transform, rng_for
-from isc.data import ImageLoadError, load_image
-from isc.io import atomic_write
+from isc.data.images import ImageLoadError, load_image
+from isc.evaluation.io import atomic_write
 
 log = logging.getLogger(__name__)
 

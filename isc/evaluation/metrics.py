@@ -15,7 +15,7 @@ per-pair Python loops, so 500,000 predictions score in a fraction of a second.
   predicted is never found. ``recall@k = mean(rank < k)`` over all ground-truth pairs.
 - Duplicate (query, reference) predictions are an error, as in the official code.
 
-Run ``python -m isc.metrics GROUND_TRUTH.csv PREDICTIONS.csv`` to print the metrics as one JSON object.
+Run ``python -m isc.evaluation.metrics GROUND_TRUTH.csv PREDICTIONS.csv`` to print the metrics as one JSON object.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from isc.matches import GroundTruth, Predictions
+from isc.evaluation.matches import GroundTruth, Predictions
 
 __all__ = ["Metrics", "PrecisionRecall", "evaluate", "precision_recall_curve", "average_precision", "main"]
 
@@ -178,9 +178,9 @@ def evaluate(ground_truth: GroundTruth, predictions: Predictions) -> Metrics:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: print the metrics of a predictions CSV against a ground-truth CSV as one JSON object."""
-    from isc.io import read_ground_truth, read_predictions
+    from isc.evaluation.io import read_ground_truth, read_predictions
 
-    parser = argparse.ArgumentParser(prog="python -m isc.metrics", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m isc.evaluation.metrics", description=main.__doc__)
     parser.add_argument("ground_truth", help="CSV with header query_id,reference_id (empty = no match)")
     parser.add_argument("predictions", help="CSV with header query_id,reference_id,score")
     parser.add_argument(

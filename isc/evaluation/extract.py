@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
-from isc.data import ImageFolderDataset
+from isc.data.images import ImageFolderDataset
 
 log = logging.getLogger(__name__)
 

@@ -9,51 +9,18 @@ loss and the gradients equal those of one process seeing the whole batch.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from isc.train.dist import all_reduce_sum
 
 __all__ = [
     "BYOLLoss",
     "BarlowTwinsLoss",
-    "all_reduce_sum",
     "barlow_twins_loss",
     "byol_loss",
     "cross_correlation",
 ]
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes whose backward also sums: every rank's output depends on every rank's input."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable sum of ``x`` over all processes (identity without ``torch.distributed``).
-
-    Every rank then computes the same global loss; the backward sum makes each rank's gradient
-    ``world_size`` times its share of the full-batch gradient, which DDP's gradient *averaging* turns
-    into exactly the full-batch gradient.
-    """
-    if _world_size() == 1:
-        return x
-    out: torch.Tensor = _AllReduceSum.apply(x)
-    return out
 
 
 def _standardize(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

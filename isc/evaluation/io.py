@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from isc.matches import GroundTruth, Predictions
+from isc.evaluation.matches import GroundTruth, Predictions
 
 __all__ = [
     "DESCRIPTOR_TRACK_MAX_DIM",

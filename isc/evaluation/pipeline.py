@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from isc.matches import GroundTruth, Predictions
-from isc.metrics import Metrics, evaluate
-from isc.postprocess import PCAWhitening, l2_normalize, normalize_scores, query_bias
-from isc.search import Backend, knn, predictions_from_knn
+from isc.evaluation.matches import GroundTruth, Predictions
+from isc.evaluation.metrics import Metrics, evaluate
+from isc.evaluation.postprocess import PCAWhitening, l2_normalize, normalize_scores, query_bias
+from isc.evaluation.search import Backend, knn, predictions_from_knn
 
 __all__ = ["MatchingSettings", "MatchingResult", "match_descriptors"]
 
