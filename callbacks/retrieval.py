@@ -8,6 +8,7 @@ the metrics so every rank logs identical values and ``ModelCheckpoint(monitor="v
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from isc.data.images import Disc21Layout
 from isc.evaluation.extract import extract_descriptors, image_dataset
-from isc.evaluation.pipeline import MatchingResult, MatchingSettings, match_descriptors
+from isc.evaluation.pipeline import EvaluationSettings, MatchingResult, headline_metrics, match_descriptors
 
 log = logging.getLogger(__name__)
 
@@ -41,31 +42,32 @@ class _Embedder(nn.Module):
 class RetrievalEvaluation(L.Callback):
     """Evaluate copy detection on a DISC21-layout benchmark after every ``every_n_epochs`` training epochs.
 
-    Logs ``val/uAP``, ``val/recall_at_p90``, ``val/recall_at_rank1`` (plain descriptor similarity) and, when
-    the benchmark has ``training/`` images, the same with score normalisation under ``..._snorm``. The
-    model is evaluated once before training too (``val/uAP`` at step 0 in the loggers and
-    ``baseline`` here), so a run always shows the off-the-shelf figure beside the fine-tuned one.
-    Needs ``pl_module.embed(images in [0, 1]) -> L2-normalised (B, D)``.
+    ``evaluation`` is the same settings object ``task=evaluate`` uses (:class:`EvaluationSettings`, or the
+    ``evaluation:`` config as a mapping), applied the same way: PCA-whitening and score normalisation as
+    configured, the same search backend and cap. Logs ``val/uAP``, ``val/recall_at_p90``,
+    ``val/recall_at_rank1``, ``val/recall_at_rank10`` with that post-processing and the same with ``_raw``
+    (plain descriptors). The descriptor is ``pl_module.descriptor_model()`` (the network a checkpoint
+    export holds) or, for other modules, ``pl_module.embed(images in [0, 1])``.
+
+    The model is evaluated once before training (``val/...`` at step 0 in the loggers and ``baseline``
+    here), so a run shows the off-the-shelf figure beside the fine-tuned one; a resumed run keeps the
+    baseline and history of its checkpoint and never measures or logs them again.
     """
 
     def __init__(
         self,
         root: str,
-        image_size: int = 224,
-        batch_size: int = 32,
-        num_workers: int = 2,
-        k: int = 10,
-        score_norm_beta: float | None = 1.0,
-        score_norm_k: int = 3,
+        evaluation: EvaluationSettings | Mapping[str, Any] | None = None,
         every_n_epochs: int = 1,
         evaluate_before_training: bool = True,
         gallery_queries: int = 6,
     ) -> None:
         super().__init__()
         self.root = root
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.settings = MatchingSettings(k=k, score_norm_beta=None)
-        self.score_norm_beta, self.score_norm_k = score_norm_beta, score_norm_k
+        if evaluation is None or isinstance(evaluation, EvaluationSettings):
+            self.settings = evaluation or EvaluationSettings()
+        else:
+            self.settings = EvaluationSettings.from_dict(_plain(evaluation))
         self.every_n_epochs = every_n_epochs
         self.evaluate_before_training = evaluate_before_training
         self.gallery_queries = gallery_queries
@@ -76,7 +78,11 @@ class RetrievalEvaluation(L.Callback):
     # -- hooks ---------------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.evaluate_before_training or trainer.sanity_checking:
+        # Check the settings against the benchmark before any training or extraction.
+        n_training = len(self.layout.paths("training")) if self.layout.has_split("training") else 0
+        self.settings = self.settings.for_training_set(n_training)
+        resumed = bool(self.baseline) or bool(self.history) or trainer.ckpt_path is not None
+        if not self.evaluate_before_training or trainer.sanity_checking or resumed:
             return
         self.baseline = self.evaluate(trainer, pl_module)
         if trainer.is_global_zero:
@@ -109,6 +115,19 @@ class RetrievalEvaluation(L.Callback):
             self._layout.validate()
         return self._layout
 
+    def _descriptor_model(self, trainer: L.Trainer, pl_module: L.LightningModule) -> nn.Module:
+        """The test-time network, with rank 0's batch-norm statistics on every rank.
+
+        Under DDP each rank's running statistics drift apart (each updates them from its own batches), so
+        without this the descriptors of a shard would depend on which rank embedded it.
+        """
+        build = getattr(pl_module, "descriptor_model", None)
+        model: nn.Module = build() if callable(build) else _Embedder(pl_module)
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+        return model
+
     def _extract_shard(
         self, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -117,14 +136,16 @@ class RetrievalEvaluation(L.Callback):
         world, rank = trainer.world_size, trainer.global_rank
         bounds = np.linspace(0, len(paths), world + 1).astype(int)
         indices = np.arange(bounds[rank], bounds[rank + 1])
-        dataset = image_dataset([paths[i] for i in indices], self.image_size)
         was_training = pl_module.training
         try:
+            model = self._descriptor_model(trainer, pl_module)
+            image_size = getattr(model, "image_size", None) or self.settings.image_size
+            dataset = image_dataset([paths[i] for i in indices], image_size)
             descriptors = extract_descriptors(
-                _Embedder(pl_module),
+                model,
                 dataset,
-                batch_size=self.batch_size,
-                num_workers=self.num_workers,
+                batch_size=self.settings.batch_size,
+                num_workers=self.settings.num_workers,
                 device=pl_module.device,
                 progress=False,
             )
@@ -163,30 +184,17 @@ class RetrievalEvaluation(L.Callback):
                 n = len(self.layout.paths(split))
                 ids[split], parts[split] = np.asarray(self.layout.ids(split)), descriptors[start : start + n]
                 start += n
-        ground_truth = self.layout.ground_truth()
-        training = parts.get("training")
-        use_snorm = bool(self.score_norm_beta) and training is not None and len(training) >= self.score_norm_k
-        settings = MatchingSettings(
-            k=self.settings.k,
-            score_norm_beta=self.score_norm_beta if use_snorm else None,
-            score_norm_k=self.score_norm_k,
-        )
         result = match_descriptors(
             ids["queries"],
             parts["queries"],
             ids["references"],
             parts["references"],
-            training,
-            ground_truth,
-            settings,
+            parts.get("training"),
+            self.layout.ground_truth(),
+            self.settings,
         )
-        raw = result.raw_metrics or result.metrics
-        assert raw is not None
-        metrics = _prefixed(raw.to_dict(), "")
-        if use_snorm and result.metrics is not None:
-            metrics.update(_prefixed(result.metrics.to_dict(), "_snorm"))
         self._log_gallery(result, trainer, log_dir)
-        return metrics
+        return headline_metrics(result, prefix="val/")
 
     def _log_gallery(self, result: MatchingResult, trainer: L.Trainer, log_dir: str | None) -> None:
         """Top matches of a few matched queries as one image: saved in the run dir, sent to wandb."""
@@ -201,14 +209,20 @@ class RetrievalEvaluation(L.Callback):
                 logger.log_image(key="val/matches", images=[gallery], step=trainer.global_step)
 
 
-def _prefixed(metrics: dict[str, float | None], suffix: str) -> dict[str, float]:
-    """``val/<name><suffix>``; undefined figures (None) are logged as 0 so curves stay continuous."""
-    keys = ("uAP", "recall_at_p90", "recall_at_rank1", "recall_at_rank10")
-    return {f"val/{k}{suffix}": float(metrics.get(k) or 0.0) for k in keys}
-
-
 def _summary(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items() if "rank10" not in k)
+
+
+def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A config node (OmegaConf DictConfig from Hydra) as plain nested dicts."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(values, DictConfig):
+            return OmegaConf.to_container(values, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf comes with Hydra
+        pass
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}
 
 
 def match_gallery(

@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
-from isc.augment import Transform
+from isc.augment import ImagePool, Transform, with_default_source
 from isc.data.benchmark import package_photos
-from isc.data.copies import GeneratedCopiesDataset, OnlineCopiesDataset, PKSampler
+from isc.data.copies import EpochLoader, GeneratedCopiesDataset, OnlineCopiesDataset, PKSampler
 from isc.data.images import find_images
 
 
@@ -39,8 +39,15 @@ class CopiesDataModule(L.LightningDataModule):
       copies each epoch (no disk). ``sources`` is a folder (searched recursively), a file listing image
       paths, or ``"embedded"`` for the package photos (use the embedded benchmark's ``training/``
       split through ``sources=<benchmark>/training`` to keep training disjoint from its queries).
+      With ``paste_from_sources`` (default) the recipe's underlay/overlay/blend edits that were built
+      without a source (``paste_source: null``) paste these same training images, as D2LV pastes real
+      photos; an explicit ``paste_source`` is kept, and textures remain only for recipes used alone.
 
-    Batches hold ``p`` classes x ``k`` members; under DDP each rank draws its own classes.
+    Batches hold ``p`` classes x ``k`` members; under DDP each rank draws its own classes. Every epoch
+    draws new classes, copies and batches, and is a pure function of ``(seed, epoch, rank)``: the
+    loader (:class:`isc.data.copies.EpochLoader`) takes the trainer's epoch at the first batch and
+    reseeds every random stream from it, so a run resumed from an end-of-epoch ``last.ckpt`` replays
+    exactly the epochs the uninterrupted run would have trained.
     """
 
     shards_itself = True  # run.py then turns off Lightning's distributed sampler injection
@@ -58,6 +65,7 @@ class CopiesDataModule(L.LightningDataModule):
         max_classes: int | None = None,
         num_workers: int = 4,
         seed: int = 0,
+        paste_from_sources: bool = True,
     ) -> None:
         super().__init__()
         if (generated is None) == (sources is None):
@@ -70,6 +78,7 @@ class CopiesDataModule(L.LightningDataModule):
         self.p, self.k, self.image_size, self.members = p, k, image_size, members
         self.steps_per_epoch, self.max_classes = steps_per_epoch, max_classes
         self.num_workers, self.seed = num_workers, seed
+        self.paste_from_sources = paste_from_sources
         self.dataset: GeneratedCopiesDataset | OnlineCopiesDataset | None = None
 
     def _source_list(self) -> list[Any]:
@@ -90,8 +99,11 @@ class CopiesDataModule(L.LightningDataModule):
         else:
             assert self.recipe is not None
             sources = self._source_list()[: self.max_classes]
+            recipe = self.recipe
+            if self.paste_from_sources:  # D2LV pastes real photos, not textures: the training images
+                recipe = with_default_source(recipe, ImagePool(sources))
             self.dataset = OnlineCopiesDataset(
-                sources, self.recipe, members=self.members, transform=transform, seed=self.seed
+                sources, recipe, members=self.members, transform=transform, seed=self.seed
             )
 
     @property
@@ -99,6 +111,11 @@ class CopiesDataModule(L.LightningDataModule):
         self.setup()
         assert self.dataset is not None
         return self.dataset.num_classes
+
+    def _trainer_epoch(self) -> int:
+        """The epoch the trainer is running: what a pass must draw, on a fresh or a resumed fit."""
+        assert self.trainer is not None
+        return int(self.trainer.current_epoch)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -116,10 +133,12 @@ class CopiesDataModule(L.LightningDataModule):
             on_epoch=getattr(self.dataset, "set_epoch", None),
         )
         workers = min(self.num_workers, os.cpu_count() or 1)
-        return DataLoader(
+        return EpochLoader(  # workers are re-created each epoch, so they copy the dataset's new epoch
             self.dataset,
-            batch_sampler=sampler,
+            sampler,
+            seed=self.seed,
+            rank=rank,
+            epoch_fn=self._trainer_epoch if trainer is not None else None,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,  # workers re-created each epoch see the dataset's new epoch
         )

@@ -8,20 +8,32 @@ the per-step warm-up + cosine schedule.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as L
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from isc.models.descriptor import DescriptorModel
+from isc.losses.metric import ContrastiveLoss, CrossBatchMemory, D2LVLoss, InfoNCEEntropyLoss, TripletLoss
+from isc.models.descriptor import CHECKPOINT_KEY, DescriptorModel
 from isc.models.pooling import AvgPool
 from isc.models.trunks import Trunk
 from isc.train.optim import param_groups
 
-__all__ = ["BackboneModule", "global_batch_size", "schedule_lengths"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FINETUNING_LOSS_TYPES",
+    "BackboneModule",
+    "global_batch_size",
+    "reject_loss",
+    "schedule_lengths",
+    "wants_sync_batchnorm",
+]
 
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -49,6 +61,54 @@ def schedule_lengths(trainer: L.Trainer) -> tuple[int, int]:
     batches = trainer.num_training_batches
     per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else int(total)
     return max(int(total), 1), max(per_epoch, 1)
+
+
+def _device_count(devices: Any, available: int) -> int:
+    """How many devices Lightning's ``devices`` flag selects: int (-1: all), "auto", "2", "0,1", [0, 1]."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text == "auto":
+            return available
+        if "," in text:
+            return len([d for d in text.split(",") if d.strip()])
+        devices = int(text)
+    if isinstance(devices, int):
+        return available if devices == -1 else max(devices, 0)
+    return len(list(devices))
+
+
+def wants_sync_batchnorm(accelerator: Any, devices: Any, num_nodes: int = 1) -> bool:
+    """What ``trainer.sync_batchnorm: null`` (auto) means: SyncBatchNorm exactly when training spans several CUDA GPUs.
+
+    Global-batch BN is what the recipes use on GPUs (SSCD ``--sync_bn True`` in ``sscd/train.py``; the official
+    Barlow Twins ``convert_sync_batchnorm``), while PyTorch has no CPU SyncBatchNorm kernels: gloo processes
+    on CPU (and single-process runs) keep plain BN. ``accelerator`` "auto" / "gpu" resolve to CUDA only when
+    ``torch.cuda.is_available()`` (Lightning would otherwise pick CPU, or MPS for "gpu"); ``devices`` takes
+    Lightning's forms. The Momentum2-Teacher experiments set ``false`` (per-GPU BN, as the official code).
+    """
+    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__
+    name = name.lower().removesuffix("accelerator")
+    if name in ("auto", "gpu"):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cuda":
+        return False
+    available = torch.cuda.device_count()
+    return _device_count(devices, available) * max(int(num_nodes), 1) > 1
+
+
+# Losses of model=copy_finetune: they take descriptors (or features and logits) and labels.
+FINETUNING_LOSS_TYPES = (D2LVLoss, InfoNCEEntropyLoss, CrossBatchMemory, ContrastiveLoss, TripletLoss)
+
+
+def reject_loss(loss: nn.Module, foreign: tuple[type, ...], model: str, use: str) -> None:
+    """Fail at instantiation when ``loss`` belongs to another model (``model/loss=...`` shares one group).
+
+    Each module calls its loss with its own inputs (two projections, four BYOL vectors, descriptors and
+    labels), so a mismatch would otherwise surface only at the first step, after data and baseline work.
+    """
+    if isinstance(loss, foreign):
+        name = type(loss).__name__
+        raise ValueError(f"model={model} cannot train with {name}, another model's loss: set {use}")
 
 
 class BackboneModule(L.LightningModule):
@@ -84,6 +144,42 @@ class BackboneModule(L.LightningModule):
     def forward(self, images: Any) -> Any:
         """Backbone features: (B, 3, H, W) in [0, 1] -> (B, C)."""
         return self.backbone(images)
+
+    @property
+    def descriptor_head(self) -> nn.Module | None:
+        """The fine-tuning head whose ``descriptor`` is the test-time descriptor (None: the pooled feature)."""
+        return None
+
+    image_size: int | None = None
+    """The square input size the descriptor is evaluated at (recorded in checkpoints and exports)."""
+
+    def descriptor_model(self) -> DescriptorModel:
+        """The test-time descriptor as a :class:`DescriptorModel` that *shares* this module's weights.
+
+        The retrieval callback, ``task=evaluate ckpt_path=...`` and ``task=export`` all run this same
+        network, so the number logged during training is the number a user gets from the checkpoint.
+        """
+        model = DescriptorModel(
+            self.backbone.trunk, self.backbone.pooling, head=self.descriptor_head, image_size=self.image_size
+        )
+        return model.to(self.device)
+
+    def embed(self, images: Any) -> Any:
+        """Copy-detection descriptors: (B, 3, H, W) in [0, 1] -> (B, D), L2-normalised."""
+        return self.descriptor_model()(images)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record how to rebuild the descriptor without Lightning (``isc.models.descriptor.load_descriptor_model``)."""
+        prefixes = {"trunk.": "backbone.trunk.", "pooling.": "backbone.pooling."}
+        if self.descriptor_head is not None:
+            name = next(n for n, m in self.named_children() if m is self.descriptor_head)
+            prefixes["head."] = f"{name}."
+        try:
+            spec = self.descriptor_model().spec()
+        except (TypeError, ValueError) as e:  # e.g. a hand-built trunk: still a valid training checkpoint
+            log.warning("checkpoint without a descriptor record (task=evaluate cannot load it): %s", e)
+            return
+        checkpoint[CHECKPOINT_KEY] = {"spec": spec, "prefixes": prefixes}
 
     def optimized_modules(self) -> nn.Module:
         """What the optimiser updates (a teacher, if any, is excluded by ``requires_grad=False``)."""

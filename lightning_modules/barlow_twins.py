@@ -13,9 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from isc.losses.ssl import BYOLLoss
 from isc.models.projectors import barlow_projector
 from isc.models.trunks import Trunk
-from lightning_modules import BackboneModule, OptimizerFactory, SchedulerFactory
+from lightning_modules import (
+    FINETUNING_LOSS_TYPES,
+    BackboneModule,
+    OptimizerFactory,
+    SchedulerFactory,
+    reject_loss,
+)
 
 __all__ = ["BarlowTwins"]
 
@@ -27,6 +34,8 @@ class BarlowTwins(BackboneModule):
     :class:`isc.losses.ssl.BarlowTwinsLoss`) standardises and cross-correlates over the *global* batch, so
     ``train/loss`` is the same on every rank and needs no sync.
     """
+
+    task = "pretrain"  # the run.py task this module serves (checked before training)
 
     def __init__(
         self,
@@ -42,6 +51,9 @@ class BarlowTwins(BackboneModule):
         base_batch_size: int | None = 256,
         exclude_bias_and_norm: bool = True,
     ) -> None:
+        # Fine-tuning losses (and the other method's) take other inputs: fail before building anything.
+        use = "model/loss=barlow_twins (fine-tuning losses go with model=copy_finetune)"
+        reject_loss(loss, (*FINETUNING_LOSS_TYPES, BYOLLoss), "barlow_twins", use)
         super().__init__(
             trunk, optimizer, scheduler, pooling, lr, lr_bias_norm, base_batch_size, exclude_bias_and_norm
         )

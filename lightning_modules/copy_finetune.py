@@ -10,9 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from isc.losses.metric import D2LVLoss
+from isc.losses.ssl import BarlowTwinsLoss, BYOLLoss
 from isc.models.heads import WaveBlock
 from isc.models.trunks import Trunk
-from lightning_modules import BackboneModule, OptimizerFactory, SchedulerFactory
+from lightning_modules import BackboneModule, OptimizerFactory, SchedulerFactory, reject_loss
+
+FINETUNING_LOSSES = "model/loss=d2lv, model/loss=infonce_entropy or model/loss=contrastive_xbm"
 
 
 class CopyFinetune(BackboneModule):
@@ -23,7 +26,9 @@ class CopyFinetune(BackboneModule):
       head's L2-normalised output.
     - ``loss``: a module returning ``{"loss": total, <component>: ...}``. ``D2LVLoss`` gets the pooled feature
       (D2LV's triplet input) and the classifier logits; every other loss gets the L2-normalised descriptors.
-      A classifier is sized from the datamodule's number of classes when the loss needs one.
+      A classifier is sized from the datamodule's number of classes when the loss needs one: on the BN
+      neck of a ``BNNeckHead``, or on the pooled feature when there is no head (the descriptor then stays
+      the L2-normalised pooled feature). Pretraining losses are refused at construction.
     - ``waveblock``: feature-band erasing (D2LV) applied during training to the outputs of the trunk
       modules named in ``waveblock_after`` (ResNet: ``layer2``, ``layer3``).
 
@@ -31,6 +36,8 @@ class CopyFinetune(BackboneModule):
     ``freeze_bn_stats`` keeps the trunk's batch-norm running statistics fixed (affine parameters still
     train): small CPU batches would otherwise drag the pretrained statistics around.
     """
+
+    task = "finetune"  # the run.py task this module serves (checked before training)
 
     def __init__(
         self,
@@ -47,14 +54,26 @@ class CopyFinetune(BackboneModule):
         base_batch_size: int | None = None,
         exclude_bias_and_norm: bool = False,
         freeze_bn_stats: bool = False,
+        image_size: int | None = None,
     ) -> None:
+        # Pretraining losses take two or four projections, not descriptors and labels: fail before any work.
+        reject_loss(loss, (BarlowTwinsLoss, BYOLLoss), "copy_finetune", FINETUNING_LOSSES)
         super().__init__(
             trunk, optimizer, scheduler, pooling, lr, lr_bias_norm, base_batch_size, exclude_bias_and_norm
         )
         # The head is a partial: its input width is the trunk's, known only once the trunk is built.
         self.freeze_bn_stats = freeze_bn_stats
+        self.image_size = image_size  # the evaluation size, recorded in checkpoints and exports
         self.head = head(in_dim=trunk.out_channels) if head is not None else None
+        if isinstance(loss, D2LVLoss) and self.head is not None and not hasattr(self.head, "classifier"):
+            raise ValueError(
+                f"the D2LV loss needs a BN-neck head or none, not {type(self.head).__name__}: set "
+                "model.head._target_=isc.models.heads.BNNeckHead or model.head=null"
+            )
         self.loss = loss
+        # D2LV without a head: its classifier sits on the pooled feature (sized in setup), which stays the
+        # descriptor, so the off-the-shelf figure before training is the backbone's own.
+        self.classifier: nn.Linear | None = None
         self.waveblock = waveblock
         if waveblock is not None:
             self._hook_waveblocks(waveblock_after)
@@ -66,7 +85,11 @@ class CopyFinetune(BackboneModule):
         if missing:
             raise ValueError(f"waveblock_after names {sorted(missing)} not found in the trunk")
         for module in found.values():
-            module.register_forward_hook(lambda _m, _inputs, output: self.waveblock(output))
+            # Training only, by the hooked module's own mode: the test-time descriptor model shares the
+            # trunk but not this module's WaveBlock, so its eval() must switch the erasing off.
+            module.register_forward_hook(
+                lambda m, _inputs, output: self.waveblock(output) if m.training else output
+            )
 
     def on_train_epoch_start(self) -> None:
         if self.freeze_bn_stats:
@@ -82,31 +105,36 @@ class CopyFinetune(BackboneModule):
 
     def setup(self, stage: str) -> None:
         """Size the classifier from the data: D2LV's softmax needs one output per training class."""
-        if not isinstance(self.loss, D2LVLoss) or self.head is None or getattr(self.head, "classifier", None):
+        if not isinstance(self.loss, D2LVLoss) or self.classifier is not None:
+            return
+        if self.head is not None and getattr(self.head, "classifier", None) is not None:
             return
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         num_classes = getattr(datamodule, "num_classes", None)
         if not num_classes:
             raise ValueError("the D2LV loss needs a classifier: the datamodule must expose num_classes")
-        classifier = nn.Linear(self.head.out_dim, int(num_classes), bias=False)
+        in_dim = self.backbone.trunk.out_channels if self.head is None else int(self.head.out_dim)  # type: ignore[arg-type]
+        classifier = nn.Linear(in_dim, int(num_classes), bias=False)
         nn.init.normal_(classifier.weight, std=0.001)
+        if self.head is None:
+            self.classifier = classifier
+            return
         self.head.classifier = classifier
         self.head.num_classes = int(num_classes)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Copy-detection descriptors: (B, 3, H, W) in [0, 1] -> (B, D), L2-normalised."""
-        pooled = self.backbone(images)
-        if self.head is None:
-            return F.normalize(pooled, dim=-1)
-        return self.head.descriptor(pooled)  # type: ignore[operator]
+    @property
+    def descriptor_head(self) -> nn.Module | None:
+        return self.head
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         pooled = self.backbone(images)
         if isinstance(self.loss, D2LVLoss):
-            if self.head is None:
-                raise ValueError("the D2LV loss needs a BNNeckHead (model.head)")
-            parts = self.loss(pooled, self.head(pooled)["logits"], labels)
+            if self.head is None:  # the classifier made in setup, on the pooled feature
+                logits = self.classifier(pooled) if self.classifier is not None else None
+                parts = self.loss(pooled, logits, labels)
+            else:
+                parts = self.loss(pooled, self.head(pooled)["logits"], labels)
         else:
             descriptors = (
                 self.head.descriptor(pooled) if self.head is not None else F.normalize(pooled, dim=-1)

@@ -4,8 +4,14 @@ A BYOL-style student (backbone -> projector -> predictor) regresses the projecti
 (backbone -> projector) on the other view; the teacher's momentum follows
 ``1 - (1 - 0.99)(cos(pi k / K) + 1) / 2`` and its batch norms use *momentum statistics*
 (:class:`isc.models.momentum.MomentumBatchNorm`), the method's point: stable teacher statistics without
-cross-GPU BN sync. D2LV pretrained ResNet-152 and ResNet-50-IBN-a this way: SGD momentum 0.9, wd 1e-4,
-lr 0.05 per 256 images, 10 warm-up epochs then cosine (``conf/experiment/pretrain_m2t_*``).
+cross-GPU BN sync. Under DDP every process normalises its teacher with its own batch and keeps its own
+running statistics, as the official code does (``MomentumBatchNorm2d/1d`` in ``momentum_teacher/models/
+resnet_mbn.py``; see :mod:`isc.models.momentum`). They start equal on every rank (copied from the same
+student at construction, or from one checkpoint) and DDP's buffer broadcast cannot overwrite them (they are
+no buffers). The student's BNs see per-process batches too (the official student's ``SimpleBatchNorm``; the
+experiments set ``trainer.sync_batchnorm: false``). D2LV pretrained ResNet-152 and ResNet-50-IBN-a this way:
+SGD momentum 0.9, wd 1e-4, lr 0.05 per 256 images, 10 warm-up epochs then cosine
+(``conf/experiment/pretrain_m2t_*``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from isc.losses.ssl import BarlowTwinsLoss
 from isc.models.momentum import (
     commit_statistics,
     cosine_momentum,
@@ -25,7 +32,13 @@ from isc.models.momentum import (
 )
 from isc.models.projectors import byol_mlp
 from isc.models.trunks import Trunk
-from lightning_modules import BackboneModule, OptimizerFactory, SchedulerFactory
+from lightning_modules import (
+    FINETUNING_LOSS_TYPES,
+    BackboneModule,
+    OptimizerFactory,
+    SchedulerFactory,
+    reject_loss,
+)
 
 __all__ = ["Momentum2Teacher"]
 
@@ -40,6 +53,8 @@ class Momentum2Teacher(BackboneModule):
     the student's predictions of views 1/2 and the teacher's projections of views 2/1.
     ``momentum_bn=False`` gives plain BYOL (teacher BN with batch statistics).
     """
+
+    task = "pretrain"  # the run.py task this module serves (checked before training)
 
     def __init__(
         self,
@@ -58,6 +73,9 @@ class Momentum2Teacher(BackboneModule):
         base_batch_size: int | None = 256,
         exclude_bias_and_norm: bool = False,
     ) -> None:
+        # Fine-tuning losses (and the other method's) take other inputs: fail before building anything.
+        use = "model/loss=momentum2_teacher (fine-tuning losses go with model=copy_finetune)"
+        reject_loss(loss, (*FINETUNING_LOSS_TYPES, BarlowTwinsLoss), "momentum2_teacher", use)
         super().__init__(
             trunk, optimizer, scheduler, pooling, lr, lr_bias_norm, base_batch_size, exclude_bias_and_norm
         )

@@ -20,7 +20,8 @@ from callbacks.retrieval import RetrievalEvaluation  # noqa: E402
 
 if __name__ == "__main__":
     root, out = sys.argv[1], Path(sys.argv[2])
-    callback = RetrievalEvaluation(root, image_size=32, num_workers=0, score_norm_k=2, gallery_queries=0)
+    evaluation = {"image_size": 32, "num_workers": 0, "score_normalization": {"enabled": False}}
+    callback = RetrievalEvaluation(root, evaluation=evaluation, gallery_queries=0)
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="cpu",

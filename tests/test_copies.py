@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from isc.augment import Compose, RandomResizedCrop, Resize, synthetic_image
-from isc.data.copies import GeneratedCopiesDataset, OnlineCopiesDataset, PKSampler
+from isc.data.copies import (
+    EpochLoader,
+    GeneratedCopiesDataset,
+    OnlineCopiesDataset,
+    PKSampler,
+    seed_epoch_streams,
+)
 
 
 def test_pk_batches_have_p_classes_of_k() -> None:
@@ -78,3 +86,86 @@ def test_online_copies_are_fresh_each_epoch_and_reproducible() -> None:
     ds.set_epoch(1)
     assert not np.array_equal(copy_e0, np.asarray(ds[4][0]))
     assert np.array_equal(np.asarray(original), np.asarray(ds[3][0]))  # the original never changes
+
+
+def test_pk_passes_advance_the_epoch_unless_set_epoch_pins_it() -> None:
+    """A plain loop that never calls set_epoch still draws new batches each epoch; set_epoch replays."""
+    sampler = PKSampler(np.repeat(np.arange(8), 4), p=2, k=2, seed=0)
+    assert sampler.sampler is sampler  # where Lightning's _set_sampler_epoch looks for set_epoch
+    passes = [list(sampler) for _ in range(3)]
+    assert sampler.epoch == 2 and sampler.next_epoch == 3
+    assert passes[0] != passes[1] != passes[2]
+    sampler.set_epoch(1)
+    assert sampler.next_epoch == 1 and list(sampler) == passes[1]
+    iter(sampler)  # an iterator made and dropped before its first batch is no pass
+    assert sampler.next_epoch == 2 and list(sampler) == passes[2]
+
+
+def test_seed_epoch_streams_is_a_function_of_seed_epoch_and_rank() -> None:
+    def draws(seed: int, epoch: int, rank: int) -> tuple[float, float, float]:
+        seed_epoch_streams(seed, epoch, rank)
+        return torch.rand(1).item(), float(np.random.random()), random.random()  # noqa: NPY002
+
+    assert draws(3, 1, 0) == draws(3, 1, 0)
+    assert len({draws(3, 1, 0), draws(3, 2, 0), draws(3, 1, 1), draws(4, 1, 0), draws(-3, 1, 0)}) == 5
+
+
+def _online_with_tensors() -> OnlineCopiesDataset:
+    sources = [synthetic_image(np.random.default_rng(i), (64, 48)) for i in range(6)]
+    recipe = Compose([RandomResizedCrop(24, scale=(0.3, 1.0)), Resize(24)])
+    return OnlineCopiesDataset(sources, recipe, members=3, original_size=24, seed=1, transform=_to_tensor)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+class _SpySampler(PKSampler):
+    """Records every batch it yields (in the main process, also with workers)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.picks: list[list[int]] = []
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.picks.append(batch)
+            yield batch
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_epoch_loader_replays_an_epoch_exactly(num_workers: int) -> None:
+    """A pass starts at its first batch, advances the epoch in a plain loop, and reseeds the global
+    streams from (seed, epoch, rank): replaying an epoch gives the same batches and random draws."""
+    ds = _online_with_tensors()
+    sampler = PKSampler(ds.targets, p=2, k=2, seed=1, steps_per_epoch=2)
+    loader = EpochLoader(ds, sampler, seed=5, num_workers=num_workers)
+    it = iter(loader)
+    assert loader.epoch is None and len(it) == 2  # nothing started before the first batch
+    del it
+
+    def one_pass() -> tuple[list[torch.Tensor], float]:
+        tensors = [t for images, labels in loader for t in (images, labels)]
+        return tensors, torch.rand(1).item()  # the global stream after the pass
+
+    first, second = one_pass(), one_pass()  # no set_epoch: the epoch still advances
+    assert loader.epoch == 1 and ds.epoch == 1
+    assert not all(torch.equal(a, b) for a, b in zip(first[0], second[0], strict=True))
+    loader.set_epoch(0)
+    replay = one_pass()
+    assert loader.epoch == 0 and replay[1] == first[1] != second[1]
+    assert all(torch.equal(a, b) for a, b in zip(replay[0], first[0], strict=True))
+
+
+def test_epoch_loader_workers_see_each_epochs_copies() -> None:
+    """With a worker process, every pass's pixels are exactly the main-process copies of its epoch,
+    and ``epoch_fn`` (e.g. the trainer's epoch) decides which epoch that is."""
+    ds = _online_with_tensors()
+    sampler = _SpySampler(ds.targets, p=2, k=2, seed=1, steps_per_epoch=2)
+    epochs = iter([3, 7])
+    loader = EpochLoader(ds, sampler, seed=5, num_workers=1, epoch_fn=lambda: next(epochs))
+    seen = [(loader.epoch, images) for _ in range(2) for images, _ in loader]
+    assert [e for e, _ in seen] == [3, 3, 7, 7]
+    for (epoch, images), batch in zip(seen, sampler.picks, strict=True):
+        ds.set_epoch(int(epoch))
+        assert torch.equal(images, torch.stack([ds[i][0] for i in batch]))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,22 +66,26 @@ def fit(module: L.LightningModule, callback: RetrievalEvaluation, tmp_path: Path
 
 
 def test_callback_logs_uap_one_for_perfect_descriptors(benchmark: Path, tmp_path: Path) -> None:
-    callback = RetrievalEvaluation(str(benchmark), image_size=32, num_workers=0, score_norm_k=2)
+    evaluation = {"image_size": 32, "num_workers": 0, "score_normalization": {"k": 2}}
+    callback = RetrievalEvaluation(str(benchmark), evaluation=evaluation)
     metrics = fit(PixelEmbedder(), callback, tmp_path)
-    assert metrics["val/uAP"] == pytest.approx(1.0)
-    assert metrics["val/recall_at_rank1"] == pytest.approx(1.0)
-    assert "val/uAP_snorm" in metrics  # the benchmark has training images
-    assert callback.baseline["val/uAP"] == pytest.approx(1.0)  # evaluated before training too
+    assert metrics["val/uAP_raw"] == pytest.approx(1.0)  # plain descriptors
+    assert metrics["val/recall_at_rank1_raw"] == pytest.approx(1.0)
+    assert metrics["val/recall_at_rank1"] == pytest.approx(
+        1.0
+    )  # score normalisation keeps each query's order
+    assert callback.baseline["val/uAP_raw"] == pytest.approx(1.0)  # evaluated before training too
     gallery = next((tmp_path / "lightning_logs").rglob("galleries/*.jpg"))
     assert Image.open(gallery).width > 0
 
 
 def test_callback_logs_low_uap_for_random_descriptors(benchmark: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    callback = RetrievalEvaluation(str(benchmark), image_size=32, num_workers=0, score_norm_beta=None)
+    evaluation = {"image_size": 32, "num_workers": 0, "score_normalization": {"enabled": False}}
+    callback = RetrievalEvaluation(str(benchmark), evaluation=evaluation)
     metrics = fit(PixelEmbedder(shuffle=True), callback, tmp_path)
     assert metrics["val/uAP"] < 0.5
-    assert "val/uAP_snorm" not in metrics
+    assert metrics["val/uAP_raw"] == metrics["val/uAP"]  # nothing configured: raw is the headline
 
 
 def compose_cfg(overrides: list[str], out_dir: Path):
@@ -127,7 +135,8 @@ def test_losses_and_heads_fast_dev_run(
 ) -> None:
     head_dims = ["+model.head.hidden_dims=[16]"] if head == "bnneck" else []
     cfg = compose_cfg(
-        [*tiny(benchmark), f"loss={loss}", *HEADS[head], "+model.head.out_dim=8", *head_dims], tmp_path
+        [*tiny(benchmark), f"model/loss={loss}", *HEADS[head], "+model.head.out_dim=8", *head_dims],
+        tmp_path,
     )
     metrics = run.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -154,6 +163,7 @@ def test_pinned_finetune_recipes_fast_dev_run(
         *tiny(benchmark),
         f"data.generated={generated}",
         "backbone.trunk.weights=null",
+        "evaluation.whitening.dim=4",  # the tiny benchmark has 6 training images to fit the PCA on
     ]
     cfg = compose_cfg(overrides, tmp_path)
     assert cfg.model.waveblock is not None and cfg.backbone.trunk.last_stride == 1
@@ -187,13 +197,14 @@ def test_ddp_two_cpu_processes_fast_dev_run(benchmark: Path, tmp_path: Path) -> 
 
 @pytest.mark.timeout(600)
 def test_multirun_gives_each_job_its_own_dir(benchmark: Path, tmp_path: Path) -> None:
-    result = run_cli(
-        ["-m", *tiny(benchmark), "model.lr=1e-4,3e-4", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path
-    )
+    """The README sweep over the nested loss group: D2LV runs on the default experiment (no head) too."""
+    sweep = ["model/loss=d2lv,infonce_entropy", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    result = run_cli(["-m", *tiny(benchmark), *sweep], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/metrics.json"))
     assert [j.name for j in jobs] == ["0", "1"]
-    assert {OmegaConf.load(j / "config_resolved.yaml").model.lr for j in jobs} == {1e-4, 3e-4}
+    losses = {OmegaConf.load(j / "config_resolved.yaml").model.loss._target_.rsplit(".", 1)[1] for j in jobs}
+    assert losses == {"D2LVLoss", "InfoNCEEntropyLoss"}
 
 
 @pytest.mark.timeout(300)
@@ -228,24 +239,226 @@ def test_optuna_sweep_config_composes() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["hparams_search=optuna"], return_hydra_config=True)
     assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/uAP"
-    assert "model.lr" in cfg.hydra.sweeper.params
+    assert "model.lr" in cfg.hydra.sweeper.params and "model/loss" in cfg.hydra.sweeper.params
 
 
-def test_killed_run_resumes_from_last_checkpoint(benchmark: Path, tmp_path: Path) -> None:
-    short = [o for o in tiny(benchmark) if not o.startswith("trainer.fast_dev_run")]
-    short += ["data.steps_per_epoch=1", "trainer.max_epochs=1"]
-    first = compose_cfg(short, tmp_path / "a")
-    run.train(first)
-    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    assert last.is_file()
-    state = torch.load(last, map_location="cpu", weights_only=False)
-    assert state["epoch"] == 0 and state["global_step"] == 1
-    resumed = compose_cfg([*short, "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "a")
-    metrics = run.train(resumed)
-    final = torch.load(last, map_location="cpu", weights_only=False)
-    assert final["global_step"] == 2 and final["epoch"] > state["epoch"]  # continued, not restarted
-    history = next(v for k, v in final["callbacks"].items() if "RetrievalEvaluation" in k)["history"]
-    assert len(history) == 2 and history[-1]["val/uAP"] == pytest.approx(metrics["val/uAP"])
+class BatchSpy(L.LightningModule):
+    """Records every training batch (epoch, images, labels); trains one dummy weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        self.seen.append((self.current_epoch, images.clone(), labels.clone()))
+        return (self.weight - 1).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_epoch_draws_new_classes_copies_and_batches(
+    tmp_path: Path, monkeypatch, num_workers: int
+) -> None:
+    """Through a real fit: every epoch a new class order, new member picks and new copy pixels, and
+    the pixels are exactly that epoch's copies (so worker processes saw the epoch too)."""
+    from torchvision.transforms import v2 as T
+
+    from datamodules.copies import CopiesDataModule
+    from isc.augment import Compose, RandomResizedCrop, Resize, synthetic_image
+    from isc.data.copies import PKSampler
+
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for i in range(6):
+        synthetic_image(np.random.default_rng(i), (64, 48)).save(sources / f"T{i:02d}.png")
+    recipe = Compose({"crop": RandomResizedCrop(24, scale=(0.3, 1.0)), "resize": Resize(24)})
+    dm = CopiesDataModule(
+        sources=str(sources), recipe=recipe, p=2, k=2, members=3, image_size=24,
+        steps_per_epoch=3, num_workers=num_workers, seed=3,
+    )  # fmt: skip
+    dm.setup()
+    # A deterministic input pipeline: batch pixels are then a pure function of the copy stream.
+    dm.dataset.transform = T.Compose([T.PILToTensor(), T.Resize((24, 24), antialias=True)])
+    passes: list[tuple[int, list[list[int]]]] = []
+    draw = PKSampler.__iter__
+
+    def spy(self):  # the sampler runs in the main process, also with workers
+        batches: list[list[int]] = []
+        for batch in draw(self):
+            if not batches:
+                passes.append((self.epoch, batches))
+            batches.append(list(batch))
+            yield batch
+
+    monkeypatch.setattr(PKSampler, "__iter__", spy)
+    module = BatchSpy()
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+
+    assert [epoch for epoch, _ in passes] == [0, 1]
+    assert [e for e, _, _ in module.seen] == [0, 0, 0, 1, 1, 1]
+    indices = {epoch: batches for epoch, batches in passes}
+    labels = {e: [lab.tolist() for ep, _, lab in module.seen if ep == e] for e in (0, 1)}
+    assert labels[0] != labels[1]  # class order
+    assert indices[0] != indices[1]  # member picks
+    ds = dm.dataset
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)  # what the copies of this epoch must be, computed here in the main process
+        seen = [s for s in module.seen if s[0] == epoch]
+        for (_, images, labs), batch in zip(seen, indices[epoch], strict=True):
+            assert labs.tolist() == [int(ds.targets[i]) for i in batch]
+            assert torch.equal(images, torch.stack([ds[i][0] for i in batch]))
+    ds.set_epoch(0)  # epoch 1's copies differ from what epoch 0 made of the same members
+    copies = [(b, i) for b, batch in enumerate(indices[1]) for i in batch if i % ds.members]
+    seen1 = [images for ep, images, _ in module.seen if ep == 1]
+    assert copies and all(not torch.equal(seen1[b][indices[1][b].index(i)], ds[i][0]) for b, i in copies)
+
+
+def test_lightning_tells_the_pk_batch_sampler_the_epoch() -> None:
+    """Lightning's ``_set_sampler_epoch`` only looks at ``loader.batch_sampler.sampler``: PKSampler is its own."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    from isc.data.copies import PKSampler
+
+    sampler = PKSampler(np.repeat(np.arange(8), 2), p=2, k=2)
+    _set_sampler_epoch(torch.utils.data.DataLoader(range(16), batch_sampler=sampler), 5)
+    assert sampler.epoch == 5 and sampler.next_epoch == 5
+
+
+RESUME_STEPS = 2  # optimiser steps per epoch of the kill/resume runs
+
+# Lightning 2.6 writes last.ckpt only when a top-k checkpoint is written at the same step, so with
+# `monitor: val/uAP` last.ckpt is the best epoch, not the last one. Until conf/callbacks has a
+# ModelCheckpoint that writes last.ckpt every epoch, these overrides add it (no-ops once it does).
+# conf fix pending (lead): see the report of issue 8.
+LAST_EVERY_EPOCH = [
+    "callbacks.model_checkpoint.save_last=false",
+    "++callbacks.last_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+    "++callbacks.last_checkpoint.dirpath=${paths.output_dir}/checkpoints",
+    "++callbacks.last_checkpoint.filename=last",
+    "++callbacks.last_checkpoint.monitor=null",
+    "++callbacks.last_checkpoint.save_top_k=1",
+    "++callbacks.last_checkpoint.enable_version_counter=false",
+]
+
+
+def resume_job(benchmark: Path, run_dir: Path) -> list[str]:
+    """`python run.py` shrunk to 3 epochs of 2 steps at 32 px, one DataLoader worker."""
+    return [
+        f"dataset.root={benchmark}",
+        "debug=default",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=null",
+        f"data.steps_per_epoch={RESUME_STEPS}",
+        "data.image_size=32",
+        "data.num_workers=1",
+        "data.p=2",
+        "data.k=2",
+        "evaluation.image_size=32",
+        "evaluation.num_workers=0",
+        "evaluation.score_normalization.k=2",
+        "logger=csv",
+        *LAST_EVERY_EPOCH,
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def start_cli(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "ISC_CACHE_DIR": str(tmp_path / "cache"),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",  # a shared 2-core machine: oversubscribed threads make runs 3x slower
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    log = open(tmp_path / f"{len(list(tmp_path.glob('*.log')))}.log", "w")  # noqa: SIM115 (closed by the OS)
+    return subprocess.Popen(
+        [sys.executable, "run.py", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: SIGKILL reaches the DataLoader worker too
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = 300) -> None:
+    assert proc.wait(timeout=timeout) == 0, "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("*.log"))
+
+
+def csv_rows(run_dir: Path) -> dict[str, list[dict[str, str]]]:
+    """Every metrics.csv of a run (one per logger version: a resumed run writes the next one)."""
+    return {
+        p.parent.name: list(csv.DictReader(p.open()))
+        for p in sorted((run_dir / "csv").glob("version_*/metrics.csv"))
+    }
+
+
+def logged(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+@pytest.mark.timeout(600)
+def test_killed_run_resumes_exactly_from_last_checkpoint(benchmark: Path, tmp_path: Path) -> None:
+    """SIGKILL `run.py` mid-epoch 2, resume with ckpt_path=last.ckpt: same weights and per-epoch uAP as a
+    run never interrupted, and no batch of the restarted epoch skipped or repeated."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    marker = tmp_path / "paused"
+    uninterrupted = start_cli(resume_job(benchmark, whole), tmp_path)
+    pause = [  # before batch 1 of epoch 2: one step of epoch 2 done, last.ckpt from the end of epoch 1
+        "+callbacks.pause._target_=resume_helpers.PauseAt",
+        "+callbacks.pause.epoch=2",
+        "+callbacks.pause.batch=1",
+        f"+callbacks.pause.marker={marker}",
+    ]
+    killed = start_cli([*resume_job(benchmark, broken), *pause], tmp_path)
+    deadline = time.monotonic() + 400
+    while not marker.exists():
+        assert killed.poll() is None, "the run to kill ended early:\n" + "\n".join(
+            p.read_text()[-3000:] for p in tmp_path.glob("*.log")
+        )
+        assert time.monotonic() < deadline, "the run to kill never reached epoch 2"
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert marker.read_text().split() == ["epoch", "2", "step", str(2 * RESUME_STEPS + 1)]
+    last = broken / "checkpoints" / "last.ckpt"
+    at_kill = torch.load(last, map_location="cpu", weights_only=False)
+    assert at_kill["epoch"] == 1 and at_kill["global_step"] == 2 * RESUME_STEPS  # the end of epoch 1
+
+    finish(start_cli([*resume_job(benchmark, broken), f"ckpt_path={last}"], tmp_path), tmp_path)
+    finish(uninterrupted, tmp_path)
+
+    a = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(last, map_location="cpu", weights_only=False)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (2, 3 * RESUME_STEPS)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, weight in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], weight, atol=1e-6, rtol=0, msg=name)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    cb_a, cb_b = (next(v for k, v in s["callbacks"].items() if "RetrievalEvaluation" in k) for s in (a, b))
+    uap = [h["val/uAP"] for h in cb_a["history"]]
+    assert len(uap) == 3 and [h["val/uAP"] for h in cb_b["history"]] == pytest.approx(uap, abs=1e-9)
+
+    # The loggers: the resumed run (version_1) logs epoch 2 only, step for step as the whole run did.
+    whole_csv, broken_csv = csv_rows(whole)["version_0"], csv_rows(broken)
+    resumed_csv = broken_csv["version_1"]
+    steps = list(range(2 * RESUME_STEPS, 3 * RESUME_STEPS))  # epoch 2: no batch skipped or repeated
+    epoch2 = [(s, v) for s, v in logged(whole_csv, "train/loss") if s >= 2 * RESUME_STEPS]
+    resumed = logged(resumed_csv, "train/loss")
+    assert [s for s, _ in resumed] == [s for s, _ in epoch2] == steps
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in epoch2], abs=1e-6)
+    per_epoch = [v for s, v in logged(whole_csv, "val/uAP") if s > 0]
+    assert per_epoch == pytest.approx(uap, abs=1e-6)
+    assert [v for _, v in logged(resumed_csv, "val/uAP")] == pytest.approx(uap[2:], abs=1e-6)
+
+    # The "before training" baseline belongs to the original run: kept, not re-run or re-logged.
+    assert cb_b["baseline"] == pytest.approx(cb_a["baseline"])
+    assert not [s for s, _ in logged(resumed_csv, "val/uAP") if s == 0]
 
 
 def test_freeze_bn_stats_keeps_running_statistics(benchmark: Path, tmp_path: Path) -> None:

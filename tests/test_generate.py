@@ -143,3 +143,18 @@ def test_parse_shard() -> None:
 def test_class_ids_from_nested_folders_are_unique(tmp_path) -> None:
     paths = [tmp_path / "cats" / "image_0001.jpg", tmp_path / "dogs" / "image_0001.jpg"]
     assert [c for c, _ in select_classes(paths, 1)] == ["cats_image_0001", "dogs_image_0001"]
+
+
+def test_default_config_writes_d2lv_quality_jpegs(sources, tmp_path) -> None:
+    # D2LV stores every image at JPEG quality 100: all quantisation steps are 1 (no rounding loss)
+    from omegaconf import OmegaConf
+
+    quality = OmegaConf.load(
+        Path(__file__).resolve().parents[1] / "conf" / "generate" / "default.yaml"
+    ).jpeg_quality
+    run(sources[:2], tmp_path / "q", jpeg_quality=quality)
+    run(sources[:2], tmp_path / "low", jpeg_quality=75)
+    with Image.open(tmp_path / "q" / "T000000" / "01.jpg") as img:
+        assert all(step == 1 for table in img.quantization.values() for step in table)
+    with Image.open(tmp_path / "low" / "T000000" / "01.jpg") as img:  # the setting is honoured
+        assert any(step > 1 for table in img.quantization.values() for step in table)

@@ -61,20 +61,21 @@ def ref_triplet(emb: torch.Tensor, labels: torch.Tensor, margin: float | None) -
     return sum(losses) / len(losses) if losses else 0.0
 
 
-def ref_infonce(emb: torch.Tensor, labels: torch.Tensor, tau: float) -> float:
+def ref_infonce(emb: torch.Tensor, labels: torch.Tensor, tau: float, eps: float = 1e-6) -> float:
+    """SSCD's InfoNCE as ``sscd/train.py`` (SSCD.loss, non-mixup) writes it, one pair at a time.
+
+    ``partitions = exp(l_ij) + sum_{non-matches n} exp(l_in) + 1e-6``; ``-log(exp(l_ij) / partitions)`` summed
+    over the non-trivial matches (same label, j != i) of every anchor, divided by the number of anchors.
+    """
     e, y = _vec(emb), labels.tolist()
-    per_anchor = []
+    total = 0.0
     for i in range(len(e)):
-        pos = [j for j in range(len(e)) if j != i and y[j] == y[i]]
-        if not pos:
-            continue
         neg_sum = sum(math.exp(_dot(e[i], e[n]) / tau) for n in range(len(e)) if y[n] != y[i])
-        terms = []
-        for p in pos:
-            num = math.exp(_dot(e[i], e[p]) / tau)
-            terms.append(-math.log(num / (num + neg_sum)))
-        per_anchor.append(sum(terms) / len(terms))
-    return sum(per_anchor) / len(per_anchor) if per_anchor else 0.0
+        for p in range(len(e)):
+            if p != i and y[p] == y[i]:
+                num = math.exp(_dot(e[i], e[p]) / tau)
+                total += -math.log(num / (num + neg_sum + eps))
+    return total / len(e)
 
 
 def ref_entropy(emb: torch.Tensor, labels: torch.Tensor, eps: float = 1e-8) -> float:
@@ -274,19 +275,37 @@ def test_infonce_two_views_equals_textbook_softmax_over_all_others() -> None:
     target = torch.tensor(
         [int(((labels == labels[i]) & (torch.arange(10) != i)).nonzero()) for i in range(10)]
     )
-    assert infonce_loss(emb, labels).item() == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-9)
+    textbook = F.cross_entropy(logits, target).item()
+    assert infonce_loss(emb, labels, eps=0.0).item() == pytest.approx(textbook, rel=1e-9)
+    assert infonce_loss(emb, labels).item() == pytest.approx(textbook, rel=1e-5)  # SSCD's 1e-6 guard
+
+
+def test_infonce_sums_over_positives_as_sscd() -> None:
+    """With K views per image an anchor's K - 1 positive pairs add up (SSCD), they are not averaged."""
+    emb, _ = _batch(12, 8)
+    emb = F.normalize(emb, dim=1)
+    four_views = torch.arange(12) % 3  # 3 positives per anchor
+    pair_mean = ref_infonce(emb, four_views, 0.05) / 3  # what averaging over the positives would give
+    got = infonce_loss(emb, four_views).item()
+    assert got == pytest.approx(ref_infonce(emb, four_views, 0.05), rel=1e-9)
+    assert got == pytest.approx(3 * pair_mean, rel=1e-9) and got > 2 * pair_mean
 
 
 def test_infonce_edge_cases() -> None:
     emb, _ = _batch(7, 6)
     emb = F.normalize(emb, dim=1)
-    single = torch.tensor([0, 0, 1, 1, 1, 2, 3])  # classes 2 and 3 have a single sample: excluded as anchors
-    assert infonce_loss(emb, single).item() == pytest.approx(ref_infonce(emb, single, 0.05), rel=1e-9)
+    single = torch.tensor([0, 0, 1, 1, 1, 2, 3])  # classes 2 and 3 have a single sample: cost 0, still in B
+    got = infonce_loss(emb, single).item()
+    assert got == pytest.approx(ref_infonce(emb, single, 0.05), rel=1e-9)
+    zeros = torch.zeros(7, dtype=torch.long)
     x = emb.clone().requires_grad_(True)
-    same = infonce_loss(x, torch.zeros(7, dtype=torch.long))  # no negatives: every pair costs -log 1 = 0
+    same = infonce_loss(x, zeros, eps=0.0)  # no negatives: every pair costs -log 1 = 0
     assert same.item() == 0.0
     same.backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+    guarded = infonce_loss(emb, zeros)  # SSCD's 1e-6 in the partition: a finite cost, as SSCD's
+    assert torch.isfinite(guarded) and guarded.item() > 0.0
+    assert guarded.item() == pytest.approx(ref_infonce(emb, zeros, 0.05), rel=1e-6)
     y = emb.clone().requires_grad_(True)
     distinct = infonce_loss(y, torch.arange(7))  # no positives: nothing to average
     assert distinct.item() == 0.0
@@ -442,6 +461,41 @@ def test_xbm_state_dict_round_trip_and_dtype() -> None:
     ]
 
 
+def test_xbm_infers_the_embedding_dim_and_keeps_its_memory_out_of_the_buffers() -> None:
+    xbm = CrossBatchMemory(memory_size=6)  # embedding_dim=None: any head, or none
+    assert xbm.embedding_dim is None and xbm.get_memory()[0].shape == (0, 0)
+    assert set(xbm.state_dict()) == {"ptr", "num_filled"}  # nothing allocated yet
+    CrossBatchMemory(memory_size=6).load_state_dict(xbm.state_dict())  # ... and that loads
+    out = xbm(torch.randn(4, 7), torch.tensor([0, 0, 1, 1]))
+    assert xbm.embedding_dim == 7 and xbm.get_memory()[0].shape == (4, 7) and out["pos"].item() > 0
+    # DDP broadcasts every buffer of rank 0 before each forward: the memory must not be one
+    assert list(xbm.buffers()) == []
+    state = xbm.state_dict()
+    assert {"memory_embeddings", "memory_labels", "ptr", "num_filled"} <= set(state)
+    resumed = CrossBatchMemory(memory_size=6)
+    resumed.load_state_dict(state)
+    assert resumed.embedding_dim == 7 and int(resumed.num_filled) == 4
+    assert torch.equal(resumed.get_memory()[0], xbm.get_memory()[0])
+    with pytest.raises(RuntimeError, match="memory_embeddings"):
+        CrossBatchMemory(embedding_dim=5, memory_size=6).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="rows"):
+        CrossBatchMemory(memory_size=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="expected embeddings"):
+        xbm(torch.randn(2, 5), torch.tensor([0, 1]))
+
+
+def test_loss_configs_use_sscd_lambda_and_a_lazy_xbm() -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1] / "conf"
+    found = {p.stem: p for p in root.rglob("*.yaml") if p.parent.name == "loss"}
+    sscd = instantiate(OmegaConf.load(found["infonce_entropy"]))
+    assert isinstance(sscd, InfoNCEEntropyLoss) and (sscd.entropy_weight, sscd.temperature) == (30.0, 0.05)
+    xbm = instantiate(OmegaConf.load(found["contrastive_xbm"]))  # no interpolation of a head's out_dim
+    assert isinstance(xbm, CrossBatchMemory) and xbm.embedding_dim is None
+
+
 # --- two-rank DDP (gloo, CPU): the gathered losses equal the full-batch loss ------------------------------
 
 
@@ -474,6 +528,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         xbm = CrossBatchMemory(6, memory_size=16, loss=ContrastiveLoss(gather_distributed=True))
         xbm(full[sl].float(), labels[sl])
         result["memory"], result["memory_labels"] = xbm.get_memory()
+        local_loss = CrossBatchMemory(None, memory_size=16, loss=ContrastiveLoss(gather_distributed=False))
+        local_loss(full[sl].float(), labels[sl])  # the memory takes the global batch all the same
+        result["memory_local_loss"] = local_loss.get_memory()[0]
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -511,3 +568,4 @@ def test_gather_distributed_two_ranks_equals_full_batch(tmp_path: Path) -> None:
     for r in range(world):  # every rank enqueued the same global batch
         assert res[r]["memory_labels"].tolist() == labels.tolist()
         assert torch.allclose(res[r]["memory"], full.float())
+        assert torch.equal(res[r]["memory_local_loss"], res[r]["memory"])

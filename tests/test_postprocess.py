@@ -73,6 +73,22 @@ def test_whitening_matches_svd_formula():
     np.testing.assert_allclose(_align_signs(got_y, expected_y), expected_y, atol=2e-3)
 
 
+@pytest.mark.parametrize(("n", "d"), [(40, 96), (30, 31)])
+def test_whitening_with_fewer_rows_than_dims_matches_svd_formula(n: int, d: int):
+    """n < d takes the (n, n) Gram route: same eigenvalues and whitened vectors as the SVD of the data."""
+    rng = np.random.default_rng(1)
+    x = _correlated(rng, n, d)
+    dim = 10
+    pca = PCAWhitening.fit(x, dim=dim, eigen_power=-0.5)
+    _, u, s, v = _svd_reference(x, dim)
+    np.testing.assert_allclose(pca.eigenvalues, s**2 / (n - 1), rtol=1e-8)
+    np.testing.assert_allclose(pca.components.T @ pca.components, np.eye(dim), atol=1e-8)  # orthonormal
+    y = _correlated(rng, 7, d)
+    expected_y = (y - x.astype(np.float64).mean(axis=0)) @ v / (s / np.sqrt(n - 1))
+    got_y = pca.transform(y, normalize=False).astype(np.float64)
+    np.testing.assert_allclose(_align_signs(got_y, expected_y), expected_y, atol=2e-3)
+
+
 def test_eigen_power_zero_is_plain_pca():
     rng = np.random.default_rng(1)
     x = _correlated(rng, 400, 16)

@@ -162,6 +162,24 @@ def test_momentum_batchnorm_normalises_with_momentum_statistics_and_commits_once
     torch.testing.assert_close(mbn.eval()(x), eval_expected)
 
 
+def test_momentum_batchnorm_statistics_are_state_but_not_buffers() -> None:
+    """DDP broadcasts every buffer from rank 0; the per-process statistics must stay out, yet be saved."""
+    mbn = MomentumBatchNorm(3)
+    with torch.no_grad():
+        mbn.running_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    assert list(mbn.buffers()) == []
+    state = mbn.state_dict()
+    assert set(state) == {"weight", "bias", "running_mean", "running_var"}
+    fresh = MomentumBatchNorm(3)
+    fresh.load_state_dict(state)
+    assert fresh.running_mean.tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(RuntimeError, match="running_var"):
+        MomentumBatchNorm(3).load_state_dict({k: v for k, v in state.items() if k != "running_var"})
+    fresh.double()
+    assert fresh.running_mean.dtype == torch.float64 and fresh.weight is not None
+    assert fresh.weight.dtype == torch.float64
+
+
 def test_make_teacher_and_ema_update() -> None:
     torch.manual_seed(0)
     student = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
@@ -177,6 +195,13 @@ def test_make_teacher_and_ema_update() -> None:
     s = dict(student.named_parameters())
     for n, p in teacher.named_parameters():
         torch.testing.assert_close(p, 0.9 * t0[n] + 0.1 * s[n])
+
+
+def teacher_statistics(teacher: nn.Module) -> dict[str, torch.Tensor]:
+    """The momentum-BN running statistics (no buffers: DDP must not broadcast them) by state-dict name."""
+    return {
+        k: v.clone() for k, v in teacher.state_dict().items() if k.endswith(("running_mean", "running_var"))
+    }
 
 
 class Recorder(L.Callback):
@@ -208,7 +233,7 @@ class Recorder(L.Callback):
                     n: p.detach().clone() for n, p in pl_module._student_encoder().named_parameters()
                 },
                 "teacher": {n: p.detach().clone() for n, p in pl_module.teacher.named_parameters()},
-                "buffers": {n: b.clone() for n, b in pl_module.teacher.named_buffers()},
+                "buffers": teacher_statistics(pl_module.teacher),
             }
         )
 
@@ -222,7 +247,7 @@ class Recorder(L.Callback):
     ) -> None:
         rec = self.steps[-1]
         rec["teacher_after"] = {n: p.detach().clone() for n, p in pl_module.teacher.named_parameters()}
-        rec["buffers_after"] = {n: b.clone() for n, b in pl_module.teacher.named_buffers()}
+        rec["buffers_after"] = teacher_statistics(pl_module.teacher)
         rec["inputs"] = self.inputs
 
 

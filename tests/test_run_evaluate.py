@@ -96,7 +96,8 @@ def test_whitening_and_score_normalisation_path(benchmark: Path, tmp_path: Path)
         ],
         tmp_path,
     )
-    assert "raw" in metrics and 0.0 <= metrics["uAP"] <= 1.0
+    assert "uAP_raw" in metrics and 0.0 <= metrics["uAP"] <= 1.0
+    assert metrics["postprocessing"] == f"PCA-whitening {N_TRAIN - 1} + score normalisation (beta 1, k 2)"
     assert read_descriptors(tmp_path / "descriptors.h5").query.shape[1] == N_TRAIN - 1
 
 
@@ -119,7 +120,7 @@ def test_cli_prints_uap(benchmark: Path, tmp_path: Path) -> None:
         env={**os.environ, "ISC_CACHE_DIR": str(tmp_path / "cache")},
     )
     assert result.returncode == 0, result.stderr
-    assert "uAP = 1.0000" in result.stdout
+    assert "uAP 1.0000 with no post-processing (raw 1.0000)" in result.stdout  # no training descriptors
     for name in ("metrics.json", "predictions.csv", "descriptors.h5", "config_resolved.yaml"):
         assert (tmp_path / "run" / name).is_file(), name
 

@@ -25,6 +25,8 @@ from isc.augment.core import (
 from isc.augment.geometric import HorizontalFlip, Pad, Perspective, RandomResizedCrop, Rotate
 from isc.augment.overlays import (
     EmojiOverlay,
+    ImageOverlay,
+    ImageUnderlay,
     MemeFormat,
     OpacityOverlay,
     PasteOnBackground,
@@ -42,7 +44,15 @@ from isc.augment.photometric import (
     Pixelize,
     ShufflePixels,
 )
-from isc.augment.sources import ImagePool, ImageSource, RandomTexture, as_source, synthetic_image
+from isc.augment.sources import (
+    ImagePool,
+    ImageSource,
+    RandomTexture,
+    as_source,
+    synthetic_image,
+    uses_default_source,
+    with_default_source,
+)
 
 __all__ = [
     "Brightness",
@@ -54,8 +64,10 @@ __all__ = [
     "Grayscale",
     "HorizontalFlip",
     "Identity",
+    "ImageOverlay",
     "ImagePool",
     "ImageSource",
+    "ImageUnderlay",
     "JpegQuality",
     "MemeFormat",
     "OneOf",
@@ -79,4 +91,6 @@ __all__ = [
     "rng_for",
     "synthetic_image",
     "to_rgb",
+    "uses_default_source",
+    "with_default_source",
 ]

@@ -66,6 +66,20 @@ def font_chars(path: str) -> tuple[str, ...]:
     return tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
 
+@functools.cache
+def font_codepoints(path: str) -> tuple[int, ...]:
+    """augly's raw code-point list for a font, in its order: ``OverlayText`` maps integer text to
+    ``chr(list[i % len(list)])``, so recipes that draw indices (D2LV: 0-99) need the list unfiltered."""
+    pkl = Path(path).with_suffix(".pkl")
+    if not pkl.exists():
+        raise FileNotFoundError(f"no augly character list {pkl} for font {path}")
+    with open(pkl, "rb") as f:
+        points = tuple(int(c) for c in pickle.load(f))
+    if not points:
+        raise ValueError(f"empty character list {pkl}")
+    return points
+
+
 @functools.lru_cache(maxsize=128)  # a FreeType face holds ~0.1 MB; loading one takes ~30 us
 def font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, max(1, int(size)))

@@ -110,18 +110,22 @@ class Compose:
     recipe that overrides, disables or appends a step leaves the random choices of every other step
     unchanged: a variant's copy differs from the base copy only by what the variant changes.
 
-    ``sources_file`` is metadata for generators: an optional text file listing the images this
-    recipe is meant for (e.g. the face-rich subset); the pipeline itself ignores it.
+    ``sources_file`` and ``original`` are metadata for generators, which the pipeline itself ignores:
+    an optional text file listing the images this recipe is meant for (e.g. the face-rich subset), and
+    an optional edit for the stored original of each class (D2LV's bw sets store greyscale originals;
+    see :func:`generate_copies`).
     """
 
     def __init__(
         self,
         transforms: Sequence[Transform | None] | Mapping[str, Transform | None],
         sources_file: str | None = None,
+        original: Transform | None = None,
     ) -> None:
         items = transforms.items() if hasattr(transforms, "items") else enumerate(transforms)
         self.steps: list[tuple[int | str, Transform]] = [(k, t) for k, t in items if t is not None]
         self.sources_file = sources_file
+        self.original = original
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         base = int(rng.integers(0, 2**63))
@@ -222,8 +226,11 @@ def generate_copies(
 ) -> list[Image.Image]:
     """D2LV-style class: the original (resized) followed by ``n`` edited copies.
 
-    Copy ``i`` uses ``rng_for(seed, image_id, i)``, so any single copy can be regenerated alone.
+    Copy ``i`` uses ``rng_for(seed, image_id, i)``, so any single copy can be regenerated alone. The
+    original goes through the recipe's ``original`` edit first when it has one (bw sets: greyscale).
     """
-    out = [Resize(original_size)(img, rng_for(seed, image_id, "original"))] if original_size else []
+    first = getattr(transform, "original", None)
+    img0 = first(img, rng_for(seed, image_id, "original")) if first is not None else img
+    out = [Resize(original_size)(img0, rng_for(seed, image_id, "original"))] if original_size else []
     out += [transform(img, rng_for(seed, image_id, i)) for i in range(n)]
     return out

@@ -95,15 +95,19 @@ class Rotate:
 
 
 def resampling(name: str) -> Image.Resampling:
-    """``"nearest" | "bilinear" | "bicubic"`` -> PIL filter (YAML-friendly)."""
+    """``"nearest" | "box" | "bilinear" | "bicubic"`` -> PIL filter (YAML-friendly).
+
+    ``bicubic`` is what augly and the D2LV scripts get from PIL's ``resize`` default.
+    """
     try:
         return {
             "nearest": Image.Resampling.NEAREST,
+            "box": Image.Resampling.BOX,
             "bilinear": Image.Resampling.BILINEAR,
             "bicubic": Image.Resampling.BICUBIC,
         }[name]
     except KeyError:
-        raise ValueError(f"resample must be nearest, bilinear or bicubic, got {name!r}") from None
+        raise ValueError(f"resample must be nearest, box, bilinear or bicubic, got {name!r}") from None
 
 
 def perspective_coeffs(start: np.ndarray, end: np.ndarray) -> tuple[float, ...]:
@@ -120,9 +124,10 @@ def perspective_coeffs(start: np.ndarray, end: np.ndarray) -> tuple[float, ...]:
 class Perspective:
     """Move each corner by a Gaussian offset, as if the picture were re-photographed.
 
-    ``sigma`` is a fraction of the image side (augly's ``perspective_transform`` uses pixels and the
-    removed ``np.float``; this keeps its model with explicit randomness). Offsets are clipped to
-    ±0.45 of the side so the quad never folds over.
+    ``sigma`` is a fraction of the image side, or pixels with ``unit="px"`` (augly's
+    ``perspective_transform`` and D2LV's 0-50 px); this keeps augly's model with explicit randomness
+    (augly draws the offsets from a fixed seed). Offsets are clipped to ±0.45 of the side so the
+    quad never folds over. The uncovered border stays ``fill`` (D2LV keeps the black border).
     """
 
     def __init__(
@@ -130,8 +135,12 @@ class Perspective:
         sigma: float | Sequence[float] = (0.02, 0.1),
         fill: Sequence[int] = (0, 0, 0),
         resample: str = "bilinear",
+        unit: str = "fraction",
     ) -> None:
+        if unit not in ("fraction", "px"):
+            raise ValueError(f"unit must be fraction or px, got {unit!r}")
         self.sigma, self.fill, self.resample = as_range(sigma), as_color(fill), resampling(resample)
+        self.unit = unit
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         img = to_rgb(img)
@@ -139,7 +148,9 @@ class Perspective:
         s = uniform(rng, self.sigma)
         if w < 2 or h < 2:
             return img
-        offsets = np.clip(rng.normal(0.0, s, size=(4, 2)), -0.45, 0.45) * (w, h)
+        scale = np.array([1.0, 1.0]) if self.unit == "px" else np.array([w, h], dtype=float)
+        limit = 0.45 * np.array([w, h], dtype=float)
+        offsets = np.clip(rng.normal(0.0, s, size=(4, 2)) * scale, -limit, limit)
         start = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], dtype=float)
         end = start + offsets
         coeffs = perspective_coeffs(start, end)
@@ -148,32 +159,41 @@ class Perspective:
         )
 
     def __repr__(self) -> str:
-        return f"Perspective(sigma={self.sigma}, fill={self.fill})"
+        return f"Perspective(sigma={self.sigma}, unit={self.unit!r}, fill={self.fill})"
 
 
 class Pad:
     """Add borders: each side gets ``amount`` (fraction of width/height) of a uniform colour.
 
-    ``color=None`` draws a random colour per call (the D2LV edit).
+    ``color=None`` draws a random colour per call (the D2LV edit). By default all four sides draw
+    their own amount; ``symmetric`` draws one for left = right and one for top = bottom, as augly's
+    ``pad(w_factor, h_factor)`` that D2LV calls.
     """
 
     def __init__(
-        self, amount: float | Sequence[float] = (0.0, 0.3), color: Sequence[int] | None = None
+        self,
+        amount: float | Sequence[float] = (0.0, 0.3),
+        color: Sequence[int] | None = None,
+        symmetric: bool = False,
     ) -> None:
-        self.amount, self.color = as_range(amount), as_color(color)
+        self.amount, self.color, self.symmetric = as_range(amount), as_color(color), symmetric
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         img = to_rgb(img)
         w, h = img.size
-        left, right = (round(uniform(rng, self.amount) * w) for _ in range(2))
-        top, bottom = (round(uniform(rng, self.amount) * h) for _ in range(2))
+        if self.symmetric:
+            left = right = int(uniform(rng, self.amount) * w)
+            top = bottom = int(uniform(rng, self.amount) * h)
+        else:
+            left, right = (round(uniform(rng, self.amount) * w) for _ in range(2))
+            top, bottom = (round(uniform(rng, self.amount) * h) for _ in range(2))
         color = random_color(rng) if self.color is None else self.color
         canvas = Image.new("RGB", (w + left + right, h + top + bottom), color)
         canvas.paste(img, (left, top))
         return canvas
 
     def __repr__(self) -> str:
-        return f"Pad(amount={self.amount}, color={self.color})"
+        return f"Pad(amount={self.amount}, color={self.color}, symmetric={self.symmetric})"
 
 
 class HorizontalFlip:

@@ -2,22 +2,27 @@
 text, screenshot frames and meme captions.
 
 "Another image" comes from a source (see :mod:`isc.augment.sources`); the default renders random
-textures, so every edit works without data. Assets come from augly but are cached here, and all
-randomness comes from the generator passed at call time.
+textures, so every edit works without data (and :func:`~isc.augment.sources.with_default_source`
+swaps in real images later). Assets come from augly but are cached here, and all randomness comes
+from the generator passed at call time. D2LV's underlay and overlay are :class:`ImageUnderlay` and
+:class:`ImageOverlay`; the parameters of the published recipe are in ``docs/recipe.md``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from isc.augment import assets
-from isc.augment.core import Size, as_color, as_range, random_color, to_rgb, uniform
-from isc.augment.sources import ImageSource, as_source, fit
+from isc.augment.core import Size, as_color, as_range, as_size, random_color, to_rgb, uniform
+from isc.augment.geometric import resampling
+from isc.augment.sources import ImageSource, as_source, draw_scaled, fit
 
 SourceArg = ImageSource | Sequence[str | os.PathLike[str] | Image.Image] | None
 
@@ -53,6 +58,7 @@ class PasteOnBackground:
 
     def __init__(self, scale: float | Sequence[float] = (0.04, 0.1), source: SourceArg = None) -> None:
         self.scale, self.source = as_range(scale), as_source(source)
+        self.source_is_default = source is None
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         img = to_rgb(img)
@@ -80,7 +86,7 @@ class PasteOver:
         source: SourceArg = None,
     ) -> None:
         self.scale, self.opacity, self.ratio = as_range(scale), as_range(opacity), as_range(ratio)
-        self.source = as_source(source)
+        self.source, self.source_is_default = as_source(source), source is None
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         img = to_rgb(img).copy()
@@ -100,19 +106,112 @@ class OpacityOverlay:
     """Show the image with opacity ``alpha`` over another image: ``alpha * img + (1-alpha) * other``.
 
     alpha = 1 leaves the copy unchanged; low values make it a faint ghost on a different picture
-    (the D2LV ``opa`` set draws alpha from 0.2-1.0).
+    (the D2LV ``opa`` set draws alpha from 0.2-1.0). By default the other image is scaled to cover the
+    copy and the output keeps the copy's size; with ``size`` both are first squashed to ``size`` (an
+    int or ``[h, w]``), as D2LV's ``random_image_opaque`` does with 256.
     """
 
-    def __init__(self, opacity: float | Sequence[float] = (0.2, 1.0), source: SourceArg = None) -> None:
+    def __init__(
+        self,
+        opacity: float | Sequence[float] = (0.2, 1.0),
+        source: SourceArg = None,
+        size: int | Sequence[int] | None = None,
+        resample: str = "bicubic",
+    ) -> None:
         self.opacity, self.source = as_range(opacity), as_source(source)
+        self.source_is_default = source is None
+        self.size = None if size is None else as_size(size)
+        self.resample = resampling(resample)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         img = to_rgb(img)
-        other = fit(self.source(rng, img.size), img.size)
+        if self.size is None:
+            other = fit(self.source(rng, img.size), img.size)
+        else:
+            other = to_rgb(self.source(rng, self.size)).resize(self.size, self.resample)
+            img = img.resize(self.size, self.resample)
         return Image.blend(other, img, uniform(rng, self.opacity))
 
     def __repr__(self) -> str:
-        return f"OpacityOverlay(opacity={self.opacity}, source={self.source!r})"
+        return f"OpacityOverlay(opacity={self.opacity}, size={self.size}, source={self.source!r})"
+
+
+class ImageUnderlay:
+    """D2LV's "underlay": paste a small patch of another image onto the copy, which keeps its frame.
+
+    The other image, at its own size, is resized by ``scale`` (0.04-0.1 of its own width and height in
+    the seed; ``u`` uses 0.2-0.3) and pasted with its top-left corner at ``(x_pos * w, y_pos * h)``
+    of the copy (0-0.5: the top-left quarter); whatever passes the copy's border is cut off. The
+    patch size follows the other image's resolution, not the copy's, exactly as in the seed; a patch
+    under one pixel is no edit.
+    """
+
+    def __init__(
+        self,
+        scale: float | Sequence[float] = (0.04, 0.1),
+        x_pos: float | Sequence[float] = (0.0, 0.5),
+        y_pos: float | Sequence[float] = (0.0, 0.5),
+        source: SourceArg = None,
+        resample: str = "bicubic",
+    ) -> None:
+        self.scale, self.x_pos, self.y_pos = as_range(scale), as_range(x_pos), as_range(y_pos)
+        self.source, self.source_is_default = as_source(source), source is None
+        self.resample = resampling(resample)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        img = to_rgb(img)
+        s, x, y = uniform(rng, self.scale), uniform(rng, self.x_pos), uniform(rng, self.y_pos)
+        patch = draw_scaled(self.source, rng, s, self.resample)
+        if patch is None:
+            return img
+        out = img.copy()
+        out.paste(to_rgb(patch), (int(img.width * x), int(img.height * y)))
+        return out
+
+    def __repr__(self) -> str:
+        return f"ImageUnderlay(scale={self.scale}, x_pos={self.x_pos}, y_pos={self.y_pos}, source={self.source!r})"
+
+
+class ImageOverlay:
+    """D2LV's "overlay": enlarge the copy and paste it onto another image, of which it covers a part.
+
+    The copy is resized by ``scale`` (2.5-3.5 of its own size in the seed) and pasted with its
+    top-left corner at ``(x_pos * W, y_pos * H)`` of the other image (0-0.5); the output is the other
+    image at its own size, so it shows that image's top and left as background and as much of the
+    enlarged copy as fits (the recipe's final resize then brings it to 256 x 256).
+    """
+
+    def __init__(
+        self,
+        scale: float | Sequence[float] = (2.5, 3.5),
+        x_pos: float | Sequence[float] = (0.0, 0.5),
+        y_pos: float | Sequence[float] = (0.0, 0.5),
+        source: SourceArg = None,
+        resample: str = "bicubic",
+    ) -> None:
+        self.scale, self.x_pos, self.y_pos = as_range(scale), as_range(x_pos), as_range(y_pos)
+        self.source, self.source_is_default = as_source(source), source is None
+        self.resample = resampling(resample)
+
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        img = to_rgb(img)
+        canvas = to_rgb(self.source(rng, None)).copy()
+        s, x, y = uniform(rng, self.scale), uniform(rng, self.x_pos), uniform(rng, self.y_pos)
+        box = (int(img.width * s), int(img.height * s))
+        left, top = int(canvas.width * x), int(canvas.height * y)
+        if box[0] < 1 or box[1] < 1:
+            return canvas
+        # only the part that lands on the canvas is resized: same pixels as resizing it all, less work
+        vis = (min(box[0], canvas.width - left), min(box[1], canvas.height - top))
+        if vis[0] < 1 or vis[1] < 1:
+            return canvas
+        kx, ky = img.width / box[0], img.height / box[1]
+        part = img.resize(vis, self.resample, box=(0.0, 0.0, vis[0] * kx, vis[1] * ky))
+        canvas.paste(part, (left, top))
+        return canvas
+
+    def __repr__(self) -> str:
+        return f"ImageOverlay(scale={self.scale}, x_pos={self.x_pos}, y_pos={self.y_pos}, source={self.source!r})"
 
 
 def _scale_alpha(alpha: Image.Image, opacity: float) -> Image.Image:
@@ -123,38 +222,89 @@ def _scale_alpha(alpha: Image.Image, opacity: float) -> Image.Image:
 
 
 class EmojiOverlay:
-    """Paste a random emoji (augly's twemoji set by default) of side ``size`` x min(w, h)."""
+    """Paste a random emoji (augly's twemoji set by default, ``category`` e.g. ``smileys`` for one folder).
+
+    The emoji's side is ``size`` x ``relative_to`` (``min_side`` of the image, or ``height`` as augly's
+    ``overlay_emoji`` does) and its opacity is drawn from ``opacity``. Without ``x_pos``/``y_pos`` it
+    lands fully inside the image; with them its top-left corner is at ``(x_pos * w, y_pos * h)`` and the
+    part past the border is cut off, as in augly. An emoji under one pixel is no edit.
+    """
 
     def __init__(
         self,
         size: float | Sequence[float] = (0.1, 0.4),
         opacity: float | Sequence[float] = (0.6, 1.0),
         emoji_dir: str | None = None,
+        category: str | None = None,
+        x_pos: float | Sequence[float] | None = None,
+        y_pos: float | Sequence[float] | None = None,
+        relative_to: str = "min_side",
     ) -> None:
-        self.size, self.opacity, self.emoji_dir = as_range(size), as_range(opacity), emoji_dir
+        if relative_to not in ("min_side", "height"):
+            raise ValueError(f"relative_to must be min_side or height, got {relative_to!r}")
+        if (x_pos is None) != (y_pos is None):
+            raise ValueError("give both x_pos and y_pos, or neither")
+        self.size, self.opacity, self.emoji_dir, self.category = (
+            as_range(size),
+            as_range(opacity),
+            emoji_dir,
+            category,
+        )
+        self.x_pos = None if x_pos is None else as_range(x_pos)
+        self.y_pos = None if y_pos is None else as_range(y_pos)
+        self.relative_to = relative_to
+
+    def _paths(self) -> tuple[str, ...]:
+        if self.category is not None:
+            return assets.emoji_paths(str(assets.augly_assets_dir() / "twemojis" / self.category))
+        return assets.emoji_paths(self.emoji_dir)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        img = to_rgb(img).copy()
-        paths = assets.emoji_paths(self.emoji_dir)
+        img = to_rgb(img)
+        paths = self._paths()
         emoji = assets.load_rgba(paths[int(rng.integers(len(paths)))])
-        side = max(1, round(uniform(rng, self.size) * min(img.size)))
         ew, eh = emoji.size
-        box = (side, max(1, round(side * eh / ew)))
+        if self.relative_to == "height":  # augly: the emoji's height is size x the image's height
+            side = round(uniform(rng, self.size) * img.height)
+            box = (round(side * ew / eh), side)
+        else:
+            side = round(uniform(rng, self.size) * min(img.size))
+            box = (side, round(side * eh / ew))
+        opacity = uniform(rng, self.opacity)
+        if self.x_pos is None or self.y_pos is None:
+            xy = _position(rng, img.size, box)
+        else:
+            xy = (int(uniform(rng, self.x_pos) * img.width), int(uniform(rng, self.y_pos) * img.height))
+        if min(box) < 1 or opacity <= 0.0:
+            return img
         emoji = emoji.resize(box, Image.Resampling.BILINEAR, reducing_gap=2.0)
-        mask = _scale_alpha(emoji.getchannel("A"), uniform(rng, self.opacity))
-        img.paste(emoji.convert("RGB"), _position(rng, img.size, box), mask)
-        return img
+        out = img.copy()
+        out.paste(emoji.convert("RGB"), xy, _scale_alpha(emoji.getchannel("A"), opacity))
+        return out
 
     def __repr__(self) -> str:
-        return f"EmojiOverlay(size={self.size}, opacity={self.opacity})"
+        return (
+            f"EmojiOverlay(size={self.size}, opacity={self.opacity}, category={self.category}, "
+            f"x_pos={self.x_pos}, y_pos={self.y_pos}, relative_to={self.relative_to!r})"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _leading_chars(font_path: str, n: int) -> tuple[str, ...]:
+    """What augly's ``OverlayText`` draws for indices ``0..n-1``: ``chr(points[i % len(points)])``."""
+    points = assets.font_codepoints(font_path)
+    return tuple(chr(points[i % len(points)]) for i in range(n))
 
 
 class TextOverlay:
-    """Draw random text: ``lines`` lines of ``length`` characters in a random augly font.
+    """Draw random text: ``lines`` lines of ``length`` characters, in a random augly font or ``font``.
 
-    Characters come from the chosen font's own character list (as augly does, so glyphs exist and
-    scripts vary like in ISC queries) unless ``words`` is given. ``font_size`` is a fraction of
-    min(w, h); ``color=None`` draws a random colour.
+    Characters come from the font's own character list (as augly does, so glyphs exist and scripts vary
+    like in ISC queries) unless ``words`` is given; ``charset=n`` keeps only the first ``n`` entries of
+    augly's list, which is what augly's ``OverlayText`` draws from integer indices below ``n`` (D2LV:
+    100). ``font_size`` is a fraction of min(w, h); ``color=None`` draws a random colour; the top-left
+    of the text is at ``(x_pos * w, y_pos * h)``. No characters, a font under one pixel or opacity 0
+    is no edit.
     """
 
     def __init__(
@@ -166,11 +316,35 @@ class TextOverlay:
         color: Sequence[int] | None = None,
         words: Sequence[str] | None = None,
         fonts_dir: str | None = None,
+        font: str | None = None,
+        charset: int | None = None,
+        x_pos: float | Sequence[float] = (0.0, 0.8),
+        y_pos: float | Sequence[float] = (0.0, 0.85),
     ) -> None:
         self.font_size, self.opacity = as_range(font_size), as_range(opacity)
         self.length = (int(length[0]), int(length[1]))
         self.lines = (int(lines[0]), int(lines[1]))
+        if min(self.length) < 0 or min(self.lines) < 0:
+            raise ValueError("length and lines must be non-negative")
         self.color, self.words, self.fonts_dir = as_color(color), (list(words) if words else None), fonts_dir
+        self.font, self.charset = font, (None if charset is None else int(charset))
+        if self.charset is not None and self.charset < 1:
+            raise ValueError(f"charset must be >= 1, got {charset}")
+        self.x_pos, self.y_pos = as_range(x_pos), as_range(y_pos)
+
+    def _font_path(self, rng: np.random.Generator) -> str:
+        if self.font is None:
+            fonts = assets.font_paths(self.fonts_dir)
+            return fonts[int(rng.integers(len(fonts)))]
+        path = Path(self.font)
+        if not path.is_absolute() and not path.exists():
+            path = (Path(self.fonts_dir) if self.fonts_dir else assets.augly_assets_dir() / "fonts") / path
+        return str(path)
+
+    def _chars(self, font_path: str) -> tuple[str, ...]:
+        if self.charset is None:
+            return assets.font_chars(font_path)
+        return _leading_chars(font_path, self.charset)
 
     def _text(self, rng: np.random.Generator, font_path: str) -> str:
         out = []
@@ -181,29 +355,36 @@ class TextOverlay:
                     " ".join(self.words[int(i)] for i in rng.integers(len(self.words), size=max(1, n // 5)))
                 )
             else:
-                chars = assets.font_chars(font_path)
+                chars = self._chars(font_path)
                 out.append("".join(chars[int(i)] for i in rng.integers(len(chars), size=n)))
         return "\n".join(out)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        img = to_rgb(img).copy()
+        img = to_rgb(img)
         w, h = img.size
-        fonts = assets.font_paths(self.fonts_dir)
-        font_path = fonts[int(rng.integers(len(fonts)))]
-        font = assets.font(font_path, max(1, round(uniform(rng, self.font_size) * min(w, h))))
+        font_path = self._font_path(rng)
+        size = round(uniform(rng, self.font_size) * min(w, h))
         text = self._text(rng, font_path)
         color = random_color(rng) if self.color is None else self.color
         alpha = round(255 * uniform(rng, self.opacity))
-        xy = (uniform(rng, (0.0, 0.8)) * w, uniform(rng, (0.0, 0.85)) * h)
+        xy = (uniform(rng, self.x_pos) * w, uniform(rng, self.y_pos) * h)
+        if size < 1 or alpha <= 0 or not text.strip("\n"):
+            return img
+        font = assets.font(font_path, size)
         mask = Image.new("L", img.size, 0)
         ImageDraw.Draw(mask).multiline_text(xy, text, fill=alpha, font=font, spacing=max(1, font.size // 5))
         box = mask.getbbox()
-        if box is not None:  # blend only where text was drawn
-            img.paste(color, box, mask.crop(box))
-        return img
+        if box is None:  # nothing visible (e.g. only blank glyphs, or all of it past the border)
+            return img
+        out = img.copy()
+        out.paste(color, box, mask.crop(box))  # blend only where text was drawn
+        return out
 
     def __repr__(self) -> str:
-        return f"TextOverlay(font_size={self.font_size}, length={self.length}, lines={self.lines})"
+        return (
+            f"TextOverlay(font_size={self.font_size}, length={self.length}, lines={self.lines}, "
+            f"opacity={self.opacity}, font={self.font!r}, charset={self.charset})"
+        )
 
 
 class ScreenshotFrame:

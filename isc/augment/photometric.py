@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, ImageStat
 
 from isc.augment.core import as_color, as_range, random_color, to_rgb, uniform
+from isc.augment.geometric import resampling
 
 _LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -157,58 +158,81 @@ class Brightness:
 
 
 class Colorize:
-    """Tint: blend the image with a duotone of its luminance (black -> ``color`` -> white).
+    """Tint: blend the image with a three-colour map of its luminance (``black`` -> ``color`` -> ``white``).
 
-    ``strength`` is the blend weight of the tinted version; ``color=None`` draws a random tint, which
-    gives sepia/cyanotype-looking copies, also from greyscale inputs.
+    ``strength`` is the blend weight of the tinted version; ``color=None`` draws a random mid tone, which
+    gives sepia/cyanotype-looking copies, also from greyscale inputs. ``black``/``white`` default to
+    black and white (the tint keeps the tonal range); ``None`` draws them too: with ``strength`` 1 that
+    is D2LV's ``RandomColorize`` (``ImageOps.colorize`` with three random colours, false-colour copies).
     """
 
     def __init__(
-        self, strength: float | Sequence[float] = (0.3, 0.8), color: Sequence[int] | None = None
+        self,
+        strength: float | Sequence[float] = (0.3, 0.8),
+        color: Sequence[int] | None = None,
+        black: Sequence[int] | None = (0, 0, 0),
+        white: Sequence[int] | None = (255, 255, 255),
     ) -> None:
         self.strength, self.color = as_range(strength), as_color(color)
+        self.black, self.white = as_color(black), as_color(white)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         img = to_rgb(img)
         strength = uniform(rng, self.strength)
         color = random_color(rng) if self.color is None else self.color
-        tinted = ImageOps.colorize(img.convert("L"), black=(0, 0, 0), white=(255, 255, 255), mid=color)
-        return Image.blend(img, tinted, strength)
+        black = random_color(rng) if self.black is None else self.black
+        white = random_color(rng) if self.white is None else self.white
+        tinted = ImageOps.colorize(img.convert("L"), black=black, white=white, mid=color)
+        return tinted if strength >= 1.0 else Image.blend(img, tinted, strength)
 
     def __repr__(self) -> str:
-        return f"Colorize(strength={self.strength}, color={self.color})"
+        return (
+            f"Colorize(strength={self.strength}, color={self.color}, black={self.black}, white={self.white})"
+        )
 
 
 class Pixelize:
-    """Downscale by ``ratio`` (box filter) and blow back up with nearest neighbour: visible blocks."""
+    """Downscale by ``ratio`` and scale back up: box down / nearest up (the defaults) gives visible blocks.
 
-    def __init__(self, ratio: float | Sequence[float] = (0.1, 0.5)) -> None:
+    augly's ``pixelization``, which D2LV calls, resizes both ways with PIL's default filter (bicubic):
+    ``down="bicubic", up="bicubic"`` reproduces that softer, blurred look.
+    """
+
+    def __init__(
+        self, ratio: float | Sequence[float] = (0.1, 0.5), down: str = "box", up: str = "nearest"
+    ) -> None:
         self.ratio = as_range(ratio)
         if self.ratio[0] <= 0:
             raise ValueError("ratio must be positive")
+        self.down, self.up = resampling(down), resampling(up)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         img = to_rgb(img)
         w, h = img.size
         r = uniform(rng, self.ratio)
-        small = img.resize((max(1, round(w * r)), max(1, round(h * r))), Image.Resampling.BOX)
-        return small.resize((w, h), Image.Resampling.NEAREST)
+        small = img.resize((max(1, round(w * r)), max(1, round(h * r))), self.down)
+        return small.resize((w, h), self.up)
 
     def __repr__(self) -> str:
-        return f"Pixelize(ratio={self.ratio})"
+        return f"Pixelize(ratio={self.ratio}, down={self.down.name.lower()}, up={self.up.name.lower()})"
 
 
 class ShufflePixels:
-    """Permute a random fraction ``factor`` of the pixels among themselves (augly's edit, without its
-    ``np.random.seed`` call that would reset global state)."""
+    """Permute ``int(factor * pixels)`` randomly chosen pixels among themselves (augly's edit, without
+    its ``np.random.seed(10)`` call that resets global state and repeats the same choice)."""
 
     def __init__(self, factor: float | Sequence[float] = (0.05, 0.35)) -> None:
         self.factor = as_range(factor)
+        if not 0.0 <= self.factor[0] <= self.factor[1] <= 1.0:
+            raise ValueError(f"factor must be within [0, 1], got {list(self.factor)}")
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         arr = np.array(to_rgb(img))
         flat = arr.reshape(-1, 3)
-        idx = np.flatnonzero(rng.random(flat.shape[0]) < uniform(rng, self.factor))
+        n = int(uniform(rng, self.factor) * flat.shape[0])
+        if n < 2:
+            return to_rgb(img)
+        idx = rng.choice(flat.shape[0], size=n, replace=False)
         flat[idx] = flat[rng.permutation(idx)]
         return Image.fromarray(arr)
 

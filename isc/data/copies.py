@@ -4,24 +4,28 @@ A class is one source image; its members are the original and its edited copies.
 the same ``(image, class_index)`` items, so a fine-tuning run can switch between a generated set on
 disk (``isc.data.generate``) and the same recipe applied on the fly (no disk) with one config change. The
 :class:`PKSampler` draws batches of P classes x K members, the batch layout that batch-hard triplet and
-InfoNCE losses need, and gives each DDP rank disjoint classes.
+InfoNCE losses need, and gives each DDP rank disjoint classes. :class:`EpochLoader` serves those batches
+so that every epoch is a pure function of ``(seed, epoch, rank)``: new classes, copies and batches each
+epoch, and a run resumed at an epoch boundary replays exactly what the uninterrupted run did.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from isc.augment import Transform, rng_for
 from isc.data.images import IMAGE_EXTENSIONS, load_image
 
-__all__ = ["GeneratedCopiesDataset", "OnlineCopiesDataset", "PKSampler"]
+__all__ = ["EpochLoader", "GeneratedCopiesDataset", "OnlineCopiesDataset", "PKSampler", "seed_epoch_streams"]
 
 
 class GeneratedCopiesDataset(Dataset):
@@ -135,11 +139,15 @@ class OnlineCopiesDataset(Dataset):
 class PKSampler:
     """Batches of ``p`` classes x ``k`` members each, sharded across DDP ranks by class.
 
-    Every epoch the classes are shuffled (seeded by ``seed + epoch``) and cut into global steps of
+    Every epoch the classes are shuffled (seeded by ``(seed, epoch)``) and cut into global steps of
     ``p * num_replicas`` classes; rank ``r`` takes its own ``p`` of them, so ranks never share a class
     in a step and together cover each class once per epoch. A class with fewer than ``k`` members is
     sampled with replacement. ``steps_per_epoch`` overrides the epoch length (several passes over the
     classes for small sets). Yields lists of dataset indices (use as a DataLoader ``batch_sampler``).
+
+    The epoch of a pass is the one given to :meth:`set_epoch` (Lightning calls it each epoch, see
+    :attr:`sampler`), else the one after the previous pass: a plain ``for epoch ...: for batch in loader``
+    loop draws new batches every epoch too, and a pass is a pure function of ``(seed, epoch, rank)``.
     """
 
     def __init__(
@@ -172,12 +180,26 @@ class PKSampler:
         self.steps_per_epoch = steps_per_epoch
         self.on_epoch = on_epoch
         self.epoch = 0
+        self._started = False  # a pass has begun: the next one advances unless set_epoch pins it
+        self._pinned = False
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning before each epoch; also tells an on-the-fly dataset which epoch it is."""
+        """Pin the next pass to ``epoch``; also tells an on-the-fly dataset (``on_epoch``) which epoch it is."""
         self.epoch = int(epoch)
+        self._pinned = True
         if self.on_epoch is not None:
             self.on_epoch(self.epoch)
+
+    @property
+    def next_epoch(self) -> int:
+        """The epoch the next pass will draw: the pinned one, else the one after the previous pass."""
+        return self.epoch + 1 if self._started and not self._pinned else self.epoch
+
+    @property
+    def sampler(self) -> PKSampler:
+        """Itself: Lightning's ``_set_sampler_epoch`` calls ``set_epoch`` on ``loader.batch_sampler.sampler``
+        only (a batch sampler without ``.sampler`` would never hear of the epoch)."""
+        return self
 
     def __len__(self) -> int:
         return self.steps_per_epoch or len(self.classes) // (self.p * self.num_replicas)
@@ -187,6 +209,11 @@ class PKSampler:
         return self.p * self.k
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A generator: this runs at the first batch, so an iterator made and dropped is no pass.
+        epoch = self.next_epoch
+        if epoch != self.epoch:
+            self.set_epoch(epoch)
+        self._started, self._pinned = True, False
         # Class order must agree across ranks (disjoint shards); member picks are each rank's own.
         class_rng = np.random.default_rng([self.seed, self.epoch])
         member_rng = np.random.default_rng([self.seed, self.epoch, self.rank + 1])
@@ -203,3 +230,101 @@ class PKSampler:
                     members = self.members[c]
                     batch += member_rng.choice(members, size=self.k, replace=len(members) < self.k).tolist()
                 yield batch
+
+
+def _epoch_words(seed: int, epoch: int, rank: int) -> np.ndarray:
+    """Six independent 32-bit words from ``(seed, epoch, rank)`` (any signs: SeedSequence needs >= 0)."""
+    entropy = [int(v) % 2**64 for v in (seed, epoch, rank)]
+    return np.random.SeedSequence(entropy).generate_state(6, dtype=np.uint32)
+
+
+def seed_epoch_streams(seed: int, epoch: int, rank: int = 0) -> None:
+    """Reseed torch (CPU and every CUDA device), numpy and python ``random`` from ``(seed, epoch, rank)``.
+
+    Training draws from these global streams (random flip / pad / crop of the train transform, WaveBlock,
+    dropout). Reseeding them when an epoch starts makes the epoch independent of whatever consumed them
+    before (an evaluation, a resumed run's restore), so resuming at an epoch boundary is exact.
+    """
+    words = _epoch_words(seed, epoch, rank)
+    torch.manual_seed(int(words[0]) << 32 | int(words[1]))  # torch.manual_seed seeds CUDA too
+    np.random.seed(words[2:4])  # noqa: NPY002  (the global stream is the one to reseed)
+    random.seed(int(words[2]) << 32 | int(words[3]))
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader over a :class:`PKSampler` whose every pass is a pure function of ``(seed, epoch, rank)``.
+
+    Why it is more than ``DataLoader(batch_sampler=...)``: Lightning creates the first epoch's iterator
+    early (in ``configure_optimizers`` when a schedule asks for the epoch length, before a resumed run's
+    epoch is restored), and worker processes copy the dataset when an iterator starts. So this loader
+    starts the real iterator only at the first batch of a pass. Then it takes the pass's epoch
+    (``epoch_fn()`` when given, e.g. the trainer's epoch, else the sampler's :attr:`~PKSampler.next_epoch`),
+    gives it to the sampler and the dataset (before workers copy it), seeds the workers' base seed and,
+    with ``reseed_globals``, the global random streams (:func:`seed_epoch_streams`) from ``(seed, epoch,
+    rank)``, and only then starts loading. Workers are never persistent: each pass's workers copy the
+    dataset at its epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_sampler: PKSampler,
+        seed: int = 0,
+        rank: int = 0,
+        epoch_fn: Callable[[], int] | None = None,
+        reseed_globals: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        worker_init_fn: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            worker_init_fn=worker_init_fn,
+            generator=torch.Generator(),
+            persistent_workers=False,
+        )
+        self.pk_sampler = batch_sampler
+        self.seed, self.rank = seed, rank
+        self.epoch_fn = epoch_fn
+        self.reseed_globals = reseed_globals
+        self.epoch: int | None = None  # the epoch of the pass that started last
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pin the next pass to ``epoch`` (without ``epoch_fn``, passes otherwise count up by one)."""
+        self.pk_sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return _DeferredPass(self)
+
+    def _start_pass(self) -> Iterator[Any]:
+        epoch = int(self.epoch_fn()) if self.epoch_fn is not None else self.pk_sampler.next_epoch
+        self.pk_sampler.set_epoch(epoch)
+        set_dataset_epoch = getattr(self.dataset, "set_epoch", None)
+        if callable(set_dataset_epoch):
+            set_dataset_epoch(epoch)
+        words = _epoch_words(self.seed, epoch, self.rank)
+        assert self.generator is not None
+        self.generator.manual_seed(int(words[4]) << 32 | int(words[5]))  # workers' base seed
+        if self.reseed_globals:
+            seed_epoch_streams(self.seed, epoch, self.rank)
+        self.epoch = epoch
+        return DataLoader.__iter__(self)
+
+
+class _DeferredPass(Iterator[Any]):
+    """One pass of an :class:`EpochLoader`: the real iterator (and its workers) starts at the first batch."""
+
+    def __init__(self, loader: EpochLoader) -> None:
+        self._loader = loader
+        self._iterator: Iterator[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = self._loader._start_pass()
+        return next(self._iterator)

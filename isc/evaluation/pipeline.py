@@ -2,13 +2,21 @@
 
 ``query, reference (, training)`` descriptors -> optional PCA-whitening fitted on training ->
 L2 normalisation -> kNN search -> optional score normalisation against training -> predictions
-capped at the official 500,000 -> metrics. Used by ``run.py task=evaluate`` and by the per-epoch
-retrieval callback, so both report the same numbers.
+capped at the official 500,000 -> metrics.
+
+:class:`EvaluationSettings` is the *one* description of how a model is evaluated. ``run.py`` parses the
+``evaluation:`` config into it once, and ``task=evaluate``, ``task=predict``-style runs and the per-epoch
+retrieval callback all pass it to :func:`match_descriptors`, so the number logged during training is the
+number ``task=evaluate`` prints for the same checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -17,32 +25,161 @@ from isc.evaluation.metrics import Metrics, evaluate
 from isc.evaluation.postprocess import PCAWhitening, l2_normalize, normalize_scores, query_bias
 from isc.evaluation.search import Backend, knn, predictions_from_knn
 
-__all__ = ["MatchingSettings", "MatchingResult", "match_descriptors"]
+__all__ = [
+    "EvaluationSettings",
+    "MatchingResult",
+    "ScoreNormalization",
+    "Whitening",
+    "headline_metrics",
+    "match_descriptors",
+]
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("uAP", "recall_at_p90", "recall_at_rank1", "recall_at_rank10")
 
 
 @dataclass(frozen=True)
-class MatchingSettings:
-    """How descriptors are matched; defaults follow D2LV's test stage where the data allows."""
+class Whitening:
+    """PCA-whitening fitted on the training descriptors (D2LV: 256 dims, eigen power -0.5)."""
 
-    k: int = 10
-    whitening_dim: int | None = None  # PCA-whitening output dims (None: off)
+    enabled: bool = False
+    dim: int = 256
     eigen_power: float = -0.5
-    score_norm_beta: float | None = None  # None or 0: no score normalisation
-    score_norm_k: int = 10
-    backend: Backend = "faiss"
-    device: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoreNormalization:
+    """``score = q.r - beta * mean(top-k q.t over training descriptors t)`` (D2LV: beta 2, k 10)."""
+
+    enabled: bool = True
+    beta: float = 1.0
+    k: int = 3
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How descriptors are extracted, post-processed, matched and capped; mirrors ``conf/evaluation/``.
+
+    The defaults equal ``conf/evaluation/default.yaml`` (a test checks it), so code and config cannot drift.
+    """
+
+    image_size: int = 224
+    batch_size: int = 32
+    num_workers: int = 2
+    device: str = "auto"
+    search_backend: Backend = "faiss"
+    k: int = 10
+    whitening: Whitening = field(default_factory=Whitening)
+    score_normalization: ScoreNormalization = field(default_factory=ScoreNormalization)
     max_predictions: int = 500_000
+    descriptor_track_max_dim: int | None = None
+    descriptors: Any = None
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EvaluationSettings:
+        """Parse the ``evaluation:`` config; an unknown key is an error naming the valid ones."""
+        nested: dict[str, type[Whitening] | type[ScoreNormalization]] = {
+            "whitening": Whitening,
+            "score_normalization": ScoreNormalization,
+        }
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown evaluation key(s) {sorted(unknown)}; valid keys: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key in nested and isinstance(value, Mapping):
+                sub = nested[key]
+                sub_known = {f.name for f in dataclasses.fields(sub)}
+                bad = set(value) - sub_known
+                if bad:
+                    raise ValueError(
+                        f"unknown key(s) evaluation.{key}.{sorted(bad)}; valid: {sorted(sub_known)}"
+                    )
+                value = sub(**value)
+            kwargs[key] = value
+        settings = cls(**kwargs)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse values that cannot work, naming the config key to change (before any heavy work)."""
+        if self.k < 1:
+            raise ValueError(f"evaluation.k must be >= 1, got {self.k}")
+        if self.search_backend not in ("faiss", "torch"):
+            raise ValueError(f"evaluation.search_backend must be faiss or torch, got {self.search_backend!r}")
+        if self.whitening.enabled and self.whitening.dim < 1:
+            raise ValueError(f"evaluation.whitening.dim must be >= 1, got {self.whitening.dim}")
+        if self.score_normalization.enabled and self.score_normalization.k < 1:
+            raise ValueError(
+                f"evaluation.score_normalization.k must be >= 1, got {self.score_normalization.k}"
+            )
+
+    @property
+    def whitening_dim(self) -> int | None:
+        return self.whitening.dim if self.whitening.enabled else None
+
+    @property
+    def score_norm_beta(self) -> float | None:
+        s = self.score_normalization
+        return s.beta if s.enabled and s.beta else None
+
+    @property
+    def resolved_device(self) -> str | None:
+        return None if self.device == "auto" else self.device
+
+    def for_training_set(self, num_training: int) -> EvaluationSettings:
+        """These settings on a dataset with ``num_training`` training images.
+
+        Without training images, score normalisation is switched off with a warning (there is nothing to
+        normalise against) and whitening is an error; too few of them for ``k`` or ``dim`` is an error.
+        """
+        s = self
+        if num_training == 0:
+            if s.whitening.enabled:
+                raise ValueError(
+                    "evaluation.whitening.enabled=true needs the dataset's training/ images to fit the PCA"
+                )
+            if s.score_norm_beta:
+                log.warning("the dataset has no training/ images: score normalisation is switched off")
+                s = dataclasses.replace(
+                    s, score_normalization=dataclasses.replace(s.score_normalization, enabled=False)
+                )
+            return s
+        if s.whitening.enabled and s.whitening.dim > num_training:
+            raise ValueError(
+                f"evaluation.whitening.dim={s.whitening.dim} exceeds the {num_training} training images "
+                "the PCA is fitted on: lower it or add training images"
+            )
+        if s.score_norm_beta and s.score_normalization.k > num_training:
+            raise ValueError(
+                f"evaluation.score_normalization.k={s.score_normalization.k} exceeds the {num_training} "
+                "training images: lower it"
+            )
+        return s
+
+    def describe(self) -> str:
+        """The post-processing in words, for the printed headline."""
+        parts = []
+        if self.whitening.enabled:
+            parts.append(f"PCA-whitening {self.whitening.dim}")
+        if self.score_norm_beta:
+            s = self.score_normalization
+            parts.append(f"score normalisation (beta {s.beta:g}, k {s.k})")
+        return " + ".join(parts) or "no post-processing"
 
 
 @dataclass
 class MatchingResult:
-    """Predictions (final and before score normalisation), their metrics, and the descriptors searched.
+    """Final predictions and their metrics, the plain-descriptor ("raw") metrics, and what was searched.
 
     ``query``, ``reference`` and ``training`` are post-processed (whitened when enabled, L2-normalised).
+    ``raw_metrics`` score the L2-normalised descriptors without whitening or score normalisation; it is
+    ``None`` when no post-processing is configured (then it would equal ``metrics``).
     """
 
     predictions: Predictions
-    raw_predictions: Predictions
     query: np.ndarray
     reference: np.ndarray
     training: np.ndarray | None = None
@@ -50,13 +187,34 @@ class MatchingResult:
     raw_metrics: Metrics | None = None
     whitening: PCAWhitening | None = field(default=None, repr=False)
 
-    def metrics_dict(self) -> dict[str, object]:
-        """Final metrics at the top level, plus those without score normalisation under ``raw``."""
-        out: dict[str, object] = dict(self.metrics.to_dict()) if self.metrics else {}
-        if self.raw_metrics is not None:
-            out["raw"] = self.raw_metrics.to_dict()
-        out["num_predictions"] = len(self.predictions)
-        return out
+
+def headline_metrics(result: MatchingResult, prefix: str = "") -> dict[str, float]:
+    """``<prefix>uAP`` etc. with the configured post-processing and ``<prefix>uAP_raw`` etc. without it.
+
+    The one key naming every task uses (``task=evaluate`` with no prefix, the callback with ``val/``).
+    Undefined figures (recall at P90 never reached) are reported as 0 so curves stay continuous.
+    """
+    if result.metrics is None:
+        return {}
+    final = result.metrics.to_dict()
+    raw = (result.raw_metrics or result.metrics).to_dict()
+    out = {f"{prefix}{k}": float(final[k] or 0.0) for k in METRIC_NAMES}
+    out.update({f"{prefix}{k}_raw": float(raw[k] or 0.0) for k in METRIC_NAMES})
+    return out
+
+
+def _search(
+    query_ids: np.ndarray,
+    query: np.ndarray,
+    reference_ids: np.ndarray,
+    reference: np.ndarray,
+    s: EvaluationSettings,
+    bias: np.ndarray | None = None,
+) -> Predictions:
+    sims, idx = knn(query, reference, s.k, backend=s.search_backend, device=s.resolved_device)
+    if bias is not None:
+        sims = normalize_scores(sims, bias)
+    return predictions_from_knn(query_ids, reference_ids, sims, idx).top(s.max_predictions)
 
 
 def match_descriptors(
@@ -66,46 +224,46 @@ def match_descriptors(
     reference: np.ndarray,
     training: np.ndarray | None = None,
     ground_truth: GroundTruth | None = None,
-    settings: MatchingSettings | None = None,
+    settings: EvaluationSettings | None = None,
 ) -> MatchingResult:
-    """Match queries to references; evaluate against ``ground_truth`` when given.
+    """Match queries to references with ``settings``; evaluate against ``ground_truth`` when given.
 
     Shapes: query (nq, d), reference (nr, d), training (nt, d) or None. Descriptors need not be
     normalised: they are L2-normalised here (after whitening when enabled).
     """
-    s = settings or MatchingSettings()
+    s = (settings or EvaluationSettings()).for_training_set(0 if training is None else len(training))
+    plain_query, plain_reference = np.asarray(l2_normalize(query)), np.asarray(l2_normalize(reference))
     whitening = None
     if s.whitening_dim:
-        if training is None or len(training) == 0:
-            raise ValueError("PCA-whitening needs training descriptors (the dataset's training/ folder)")
-        whitening = PCAWhitening.fit(training, dim=s.whitening_dim, eigen_power=s.eigen_power)
+        assert training is not None  # for_training_set refused whitening without training images
+        if s.whitening_dim > query.shape[1]:
+            raise ValueError(
+                f"evaluation.whitening.dim={s.whitening_dim} exceeds the descriptor's {query.shape[1]} dims"
+            )
+        whitening = PCAWhitening.fit(training, dim=s.whitening_dim, eigen_power=s.whitening.eigen_power)
         query, reference, training = (whitening.transform(x) for x in (query, reference, training))
-    query, reference = np.asarray(l2_normalize(query)), np.asarray(l2_normalize(reference))
+        query, reference = np.asarray(l2_normalize(query)), np.asarray(l2_normalize(reference))
+    else:
+        query, reference = plain_query, plain_reference
     if training is not None:
         training = np.asarray(l2_normalize(training))
 
-    sims, idx = knn(query, reference, s.k, backend=s.backend, device=s.device)
-    raw = predictions_from_knn(query_ids, reference_ids, sims, idx).top(s.max_predictions)
-    final = raw
+    bias = None
     if s.score_norm_beta:
-        if training is None or len(training) == 0:
-            raise ValueError(
-                "score normalisation needs training descriptors (the dataset's training/ folder)"
-            )
+        assert training is not None
         bias = query_bias(
             query,
             training,
-            k=s.score_norm_k,
+            k=s.score_normalization.k,
             beta=s.score_norm_beta,
-            backend=s.backend,
-            device=s.device,
+            backend=s.search_backend,
+            device=s.resolved_device,
         )
-        final = predictions_from_knn(query_ids, reference_ids, normalize_scores(sims, bias), idx)
-        final = final.top(s.max_predictions)
-
-    result = MatchingResult(final, raw, query, reference, training, whitening=whitening)
+    predictions = _search(query_ids, query, reference_ids, reference, s, bias)
+    result = MatchingResult(predictions, query, reference, training, whitening=whitening)
     if ground_truth is not None:
-        result.metrics = evaluate(ground_truth, final)
-        if final is not raw:
+        result.metrics = evaluate(ground_truth, predictions)
+        if whitening is not None or bias is not None:
+            raw = _search(query_ids, plain_query, reference_ids, plain_reference, s)
             result.raw_metrics = evaluate(ground_truth, raw)
     return result

@@ -67,6 +67,25 @@ def _as_matrix(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     return x
 
 
+def _top_components_from_gram(
+    x: np.ndarray, mean: np.ndarray, dim: int, eps: float
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Top ``dim`` covariance eigenpairs from the (n, n) Gram matrix when n < d (e.g. 8192-d descriptors).
+
+    ``Xc Xc^T`` and ``Xc^T Xc`` share their non-zero eigenvalues, and ``v = Xc^T u / sqrt(lambda (n - 1))``
+    maps one's unit eigenvectors to the other's: an (n, n) instead of a (d, d) eigendecomposition. Returns
+    ``None`` when a kept component has (near-)zero variance, where that map is undefined.
+    """
+    xc = x.astype(np.float64) - mean
+    n = xc.shape[0]
+    eigenvalues, u = np.linalg.eigh(xc @ xc.T / (n - 1))
+    eigenvalues, u = eigenvalues[::-1][:dim], u[:, ::-1][:, :dim]
+    if eigenvalues[-1] <= eps * max(float(eigenvalues[0]), np.finfo(np.float64).tiny):
+        return None
+    vectors = xc.T @ u / np.sqrt(eigenvalues * (n - 1))
+    return eigenvalues, vectors
+
+
 class PCAWhitening:
     """PCA projection with per-component scaling ``eigenvalue ** eigen_power``.
 
@@ -132,14 +151,18 @@ class PCAWhitening:
             raise ValueError(f"PCA needs at least 2 training descriptors, got {n}")
         _check_finite_rows(x, "training")
         mean = x.sum(axis=0, dtype=np.float64) / n
-        cov = np.zeros((d, d), dtype=np.float64)
-        for start in range(0, n, chunk_size):
-            xc = x[start : start + chunk_size].astype(np.float64) - mean
-            cov += xc.T @ xc
-        cov /= n - 1
-        eigenvalues, eigenvectors = np.linalg.eigh(cov)  # ascending
-        eigenvalues = eigenvalues[::-1][:dim]
-        eigenvectors = eigenvectors[:, ::-1][:, :dim]
+        found = _top_components_from_gram(x, mean, dim, eps) if n < d else None
+        if found is not None:
+            eigenvalues, eigenvectors = found
+        else:
+            cov = np.zeros((d, d), dtype=np.float64)
+            for start in range(0, n, chunk_size):
+                xc = x[start : start + chunk_size].astype(np.float64) - mean
+                cov += xc.T @ xc
+            cov /= n - 1
+            eigenvalues, eigenvectors = np.linalg.eigh(cov)  # ascending
+            eigenvalues = eigenvalues[::-1][:dim]
+            eigenvectors = eigenvectors[:, ::-1][:, :dim]
         # Deterministic signs: the largest-magnitude entry of each component is positive.
         pivot = np.abs(eigenvectors).argmax(axis=0)
         signs = np.sign(eigenvectors[pivot, np.arange(dim)])

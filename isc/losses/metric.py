@@ -5,23 +5,31 @@ Small pure functions plus thin ``nn.Module`` wrappers (for Hydra ``_target_``), 
 names, so the LightningModule can log each one as ``train/<name>``.
 
 Distributed training: the losses that benefit from the global batch (batch-hard mining, InfoNCE negatives,
-the entropy regulariser, the memory bank) take ``gather_distributed``. The *anchors* stay local (rows of
-the loss) and the *candidates* (positives / negatives / neighbours) are the embeddings of all ranks,
-gathered by :func:`all_gather_with_grad`, exactly as SSCD does. Each rank averages over its own anchors;
+the entropy regulariser, the memory bank's current batch) take ``gather_distributed``. The *anchors* stay
+local (rows of the loss) and the *candidates* (positives / negatives / neighbours) are the embeddings of all
+ranks, gathered by :func:`all_gather_with_grad`, exactly as SSCD does. Each rank averages over its own anchors;
 DDP's gradient averaging then yields the gradient of the mean of the per-rank losses, which is the
 global-batch loss when ranks hold equally many valid anchors (the usual P x K / two-view sampler case).
-All ranks must pass batches of the same size (``drop_last=True``).
+All ranks must pass batches of the same size (``drop_last=True``). The cross-batch memory always stores the
+all-gathered batch, so every rank holds the same memory (see :class:`CrossBatchMemory`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isc.train.dist import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
+from isc.train.dist import (
+    NoBroadcastState,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    get_rank,
+    get_world_size,
+)
 
 __all__ = [
     "ContrastiveLoss",
@@ -226,31 +234,33 @@ def infonce_loss(
     labels: torch.Tensor,
     temperature: float = 0.05,
     gather_distributed: bool = False,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """SSCD's InfoNCE (Pizzi et al., CVPR 2022, "A Self-Supervised Descriptor for Image Copy Detection").
 
-    embeddings (B, D), L2-normalised; labels (B,) -> scalar. With ``l_ij = e_i.e_j / tau``, each positive
-    pair (i, p) (same label, p != i) costs ``-log( exp(l_ip) / (exp(l_ip) + sum_{n: label_n != label_i}
-    exp(l_in)) )``: the denominator holds that positive and the negatives only, as in SSCD's code, so other
-    views of the same image are never pushed away. Per anchor the pair costs are averaged over its
-    positives, then averaged over anchors having at least one positive. In SSCD's two-view setting every
-    anchor has exactly one positive and this is SSCD's loss exactly (also equal to the textbook form with
-    all ``j != i`` in the denominator); with K > 2 views SSCD sums over positives, we average so the scale
-    does not grow with K.
+    embeddings (B, D), L2-normalised; labels (B,) -> scalar. Exactly ``SSCD.loss`` in
+    facebookresearch/sscd-copy-detection ``sscd/train.py`` (non-mixup branch): with ``l_ij = e_i.e_j / tau``,
+    each positive pair (i, p) (same label, p != i) costs ``-log( exp(l_ip) / (exp(l_ip) + sum_{n: label_n !=
+    label_i} exp(l_in) + eps) )``: the denominator holds that positive and the negatives only (SSCD's
+    ``partitions``, with its ``1e-6``), so other views of the same image are never pushed away. The costs are
+    *summed* over every positive pair and divided by the number of anchors B (``.sum() / similarity.size(0)``):
+    an anchor with K - 1 positives weighs K - 1 times, an anchor without any counts in B with cost 0. In SSCD's
+    two-view setting this is the textbook softmax over all ``j != i`` (up to ``eps``). Computed in log space
+    (``log(S + eps)`` by ``logaddexp``), so tau = 1e-3 does not overflow where SSCD's ``exp`` would.
     """
     _check_inputs(embeddings, labels)
+    if embeddings.shape[0] == 0:
+        return _zero(embeddings)
     ref, ref_labels, self_mask = _candidates(embeddings, labels, gather_distributed)
     logits = pairwise_similarity(embeddings, ref) / temperature
     same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
     pos_mask, neg_mask = same & ~self_mask, ~same
     neg_lse = logits.masked_fill(~neg_mask, float("-inf")).logsumexp(dim=1, keepdim=True)
-    # -log(e^l / (e^l + e^neg_lse)) = softplus(neg_lse - l); exactly 0 when there is no negative.
+    if eps > 0:
+        neg_lse = torch.logaddexp(neg_lse, neg_lse.new_tensor(math.log(eps)))
+    # -log(e^l / (e^l + S + eps)) = softplus(log(S + eps) - l); exactly 0 when S + eps = 0.
     pair_loss = torch.where(pos_mask, F.softplus(neg_lse - logits), torch.zeros_like(logits))
-    n_pos = pos_mask.sum(dim=1)
-    valid = n_pos > 0
-    if not bool(valid.any()):
-        return _zero(embeddings)
-    return (pair_loss.sum(dim=1)[valid] / n_pos[valid]).mean()
+    return pair_loss.sum() / embeddings.shape[0]
 
 
 def entropy_regularizer(
@@ -265,6 +275,9 @@ def entropy_regularizer(
     nearest *non-matching* neighbour spreads the descriptors uniformly, which is what makes a single
     global threshold work for copy detection (Sablayrolles et al. 2019, Pizzi et al. 2022). Anchors
     without any non-matching sample are left out (0 if none is left). Unweighted; SSCD uses lambda = 30.
+    SSCD (``sscd/train.py``, ``SSCD.loss``) computes the same on unit vectors from the similarity,
+    ``-mean_i log sqrt(max(2 - 2 max_n s_in, 1e-6))``: equal unless a nearest non-match is closer than 1e-3
+    (SSCD's floor) or an anchor has no non-match (SSCD then counts a constant term in the mean).
     """
     _check_inputs(embeddings, labels)
     ref, ref_labels, _ = _candidates(embeddings, labels, gather_distributed)
@@ -280,9 +293,9 @@ def entropy_regularizer(
 class InfoNCEEntropyLoss(nn.Module):
     """SSCD objective ``InfoNCE + entropy_weight * entropy`` -> ``{"loss", "infonce", "entropy"}``.
 
-    forward(embeddings (B, D), labels (B,)); ``entropy`` is logged unweighted. SSCD: tau = 0.05, lambda = 30
-    (about 10 is advised for new setups). ``normalize=True`` L2-normalises the inputs first, for heads that
-    do not.
+    forward(embeddings (B, D), labels (B,)); ``entropy`` is logged unweighted. SSCD's defaults
+    (``sscd/train.py``: ``--infonce_temperature 0.05``, ``--entropy_weight 30``) are the defaults here.
+    ``normalize=True`` L2-normalises the inputs first, for heads that do not.
     """
 
     def __init__(
@@ -451,7 +464,7 @@ class ContrastiveLoss(nn.Module):
         )
 
 
-class CrossBatchMemory(nn.Module):
+class CrossBatchMemory(NoBroadcastState):
     """Cross-batch memory (Wang et al., CVPR 2020, "Cross-Batch Memory for Embedding Learning") around a
     :class:`ContrastiveLoss`, as in the descriptor-track 1st place (Yokoo 2021, arXiv 2112.04323).
 
@@ -460,71 +473,132 @@ class CrossBatchMemory(nn.Module):
     does not pollute it), the batch is enqueued detached. Embeddings drift slowly late in training, so
     stale ones are still useful negatives: thousands of them for the cost of a matmul.
 
-    The memory is a fixed-size FIFO ring of ``memory_size`` rows held in buffers, so it follows
-    ``.to(device / dtype)`` and is saved in the ``state_dict`` (a resumed run keeps it). With the loss's
-    ``gather_distributed`` the global batch is enqueued, so every rank holds the same memory.
+    The memory is a fixed-size FIFO ring of ``memory_size`` rows (``memory_embeddings`` (K, D),
+    ``memory_labels`` (K,)). ``embedding_dim=None`` infers D from the first batch (or from a checkpoint), so
+    one config works after any head, or none.
+
+    DDP: the memory is filled with the *all-gathered* batch (W*B rows per step, in rank order), so every rank
+    holds the same memory with every rank's embeddings, whatever the loss's ``gather_distributed``. It is no
+    registered buffer (:class:`isc.train.dist.NoBroadcastState`): DDP would broadcast K x D floats from rank 0
+    before every forward. It still follows ``.to()`` and is saved in the ``state_dict`` under
+    ``memory_embeddings``, ``memory_labels``, ``ptr``, ``num_filled``, so a resumed run keeps it.
     """
 
-    memory_embeddings: torch.Tensor
-    memory_labels: torch.Tensor
-    ptr: torch.Tensor
-    num_filled: torch.Tensor
+    no_broadcast = ("memory_embeddings", "memory_labels")
 
     def __init__(
-        self, embedding_dim: int, memory_size: int = 20000, loss: ContrastiveLoss | None = None
+        self, embedding_dim: int | None = None, memory_size: int = 20000, loss: ContrastiveLoss | None = None
     ) -> None:
         super().__init__()
-        if memory_size < 1 or embedding_dim < 1:
+        if memory_size < 1 or (embedding_dim is not None and embedding_dim < 1):
             raise ValueError(
                 f"memory_size and embedding_dim must be positive, got {memory_size}, {embedding_dim}"
             )
         self.loss = loss if loss is not None else ContrastiveLoss()
         self.embedding_dim = embedding_dim
         self.memory_size = memory_size
-        self.register_buffer("memory_embeddings", torch.zeros(memory_size, embedding_dim))
-        self.register_buffer("memory_labels", torch.zeros(memory_size, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next row to overwrite
-        self.register_buffer("num_filled", torch.zeros((), dtype=torch.long))
+        self.memory_embeddings: torch.Tensor | None = None
+        self.memory_labels: torch.Tensor | None = None
+        self.ptr = 0  # next row to overwrite
+        self.num_filled = 0
+        if embedding_dim is not None:
+            self._allocate(embedding_dim, torch.device("cpu"), torch.get_default_dtype())
+
+    def _allocate(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.embedding_dim = dim
+        self.memory_embeddings = torch.zeros(self.memory_size, dim, device=device, dtype=dtype)
+        self.memory_labels = torch.zeros(self.memory_size, dtype=torch.long, device=device)
+        self.ptr, self.num_filled = 0, 0
+
+    def _memory_for(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring, allocated on first use (D and device from ``embeddings``, at least float32) and kept on
+        the data's device (a checkpoint restored on the CPU follows the model at its first step)."""
+        if self.memory_embeddings is None or self.memory_labels is None:
+            self._allocate(embeddings.shape[1], embeddings.device, _full_precision(embeddings).dtype)
+        assert self.memory_embeddings is not None and self.memory_labels is not None
+        if self.memory_embeddings.device != embeddings.device:
+            self.memory_embeddings = self.memory_embeddings.to(embeddings.device)
+            self.memory_labels = self.memory_labels.to(embeddings.device)
+        return self.memory_embeddings, self.memory_labels
 
     def get_memory(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored (n, D) embeddings and (n,) labels, oldest first."""
-        n = int(self.num_filled)
+        if self.memory_embeddings is None or self.memory_labels is None:
+            return torch.zeros(0, self.embedding_dim or 0), torch.zeros(0, dtype=torch.long)
+        n = self.num_filled
         if n < self.memory_size:
             return self.memory_embeddings[:n], self.memory_labels[:n]
-        order = torch.roll(torch.arange(n, device=self.memory_labels.device), -int(self.ptr))
+        order = torch.roll(torch.arange(n, device=self.memory_labels.device), -self.ptr)
         return self.memory_embeddings[order], self.memory_labels[order]
 
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Write (B, D), (B,) into the ring, overwriting the oldest rows (only the last ``memory_size`` if B is larger)."""
+        """Write (B, D), (B,) into the ring as given (no gathering), overwriting the oldest rows (only the
+        last ``memory_size`` if B is larger)."""
+        memory, memory_labels = self._memory_for(embeddings)
         embeddings, labels = embeddings.detach()[-self.memory_size :], labels.detach()[-self.memory_size :]
         n = embeddings.shape[0]
-        idx = (int(self.ptr) + torch.arange(n, device=self.memory_labels.device)) % self.memory_size
-        self.memory_embeddings[idx] = embeddings.to(self.memory_embeddings)
-        self.memory_labels[idx] = labels.to(self.memory_labels)
-        self.ptr.fill_((int(self.ptr) + n) % self.memory_size)
-        self.num_filled.fill_(min(int(self.num_filled) + n, self.memory_size))
+        idx = (self.ptr + torch.arange(n, device=memory_labels.device)) % self.memory_size
+        memory[idx] = embeddings.to(memory)
+        memory_labels[idx] = labels.to(memory_labels)
+        self.ptr = (self.ptr + n) % self.memory_size
+        self.num_filled = min(self.num_filled + n, self.memory_size)
 
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the memory (e.g. when the embedding space changes abruptly)."""
-        self.memory_embeddings.zero_()
-        self.memory_labels.zero_()
-        self.ptr.zero_()
-        self.num_filled.zero_()
+        if self.memory_embeddings is not None and self.memory_labels is not None:
+            self.memory_embeddings.zero_()
+            self.memory_labels.zero_()
+        self.ptr, self.num_filled = 0, 0
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
+        if embeddings.ndim != 2 or (
+            self.embedding_dim is not None and embeddings.shape[1] != self.embedding_dim
+        ):
             raise ValueError(f"expected embeddings (B, {self.embedding_dim}), got {tuple(embeddings.shape)}")
-        n = int(self.num_filled)
-        out = self.loss(embeddings, labels, self.memory_embeddings[:n], self.memory_labels[:n])
-        out["memory_fill"] = self.num_filled.to(embeddings.dtype) / self.memory_size
-        if self.training:
-            if self.loss.gather_distributed:
-                self.enqueue(all_gather_no_grad(embeddings), all_gather_no_grad(labels))
-            else:
-                self.enqueue(embeddings, labels)
+        memory, memory_labels = self._memory_for(embeddings)
+        n = self.num_filled
+        out = self.loss(embeddings, labels, memory[:n], memory_labels[:n])
+        out["memory_fill"] = embeddings.new_tensor(n / self.memory_size)
+        if self.training:  # the global batch (identity without torch.distributed): same memory on every rank
+            self.enqueue(all_gather_no_grad(embeddings), all_gather_no_grad(labels))
         return out
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "ptr"] = torch.tensor(self.ptr, dtype=torch.long)
+        destination[prefix + "num_filled"] = torch.tensor(self.num_filled, dtype=torch.long)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        counters = {name: state_dict.get(prefix + name) for name in ("ptr", "num_filled")}
+        rest = {k: v for k, v in state_dict.items() if k not in (prefix + "ptr", prefix + "num_filled")}
+        n_errors = len(error_msgs)
+        super()._load_from_state_dict(
+            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        memory = self.memory_embeddings
+        if memory is not None and (memory.ndim != 2 or memory.shape[0] != self.memory_size):
+            error_msgs.append(
+                f"{prefix}memory_embeddings: expected {self.memory_size} rows, got {tuple(memory.shape)}"
+            )
+        for name, value in counters.items():
+            if value is None and strict:
+                missing_keys.append(prefix + name)
+        ptr, num_filled = counters["ptr"], counters["num_filled"]
+        if len(error_msgs) > n_errors or ptr is None or num_filled is None or memory is None:
+            return
+        self.embedding_dim = memory.shape[1]
+        self.ptr, self.num_filled = int(ptr), int(num_filled)
 
     def extra_repr(self) -> str:
         return f"embedding_dim={self.embedding_dim}, memory_size={self.memory_size}"

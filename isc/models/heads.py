@@ -104,7 +104,9 @@ class BNNeckHead(nn.Module):
             self.classifier = nn.Linear(out_dim, num_classes, bias=False)
             nn.init.normal_(self.classifier.weight, std=0.001)
         self.in_dim = in_dim
+        self.hidden_dims = tuple(int(h) for h in hidden_dims)
         self.out_dim = out_dim
+        self.negative_slope = negative_slope
         self.num_classes = num_classes
 
     @property

@@ -5,8 +5,20 @@ Learning" (arXiv 2101.07525, 2021). A BYOL-style teacher is an exponential movin
 Momentum^2 Teacher also replaces the teacher's batch statistics by *momentum statistics*: each teacher BN
 normalises with ``alpha * batch + (1 - alpha) * running`` and then moves ``running`` towards the batch
 statistics (averaged over both views) with the same ``alpha``. ``alpha`` decays from 1 (pure batch
-statistics) to 0 with a cosine. Per-process running statistics make cross-GPU BN sync unnecessary: a
-small per-GPU batch still gives the teacher stable statistics.
+statistics) to 0 with a cosine.
+
+Under data parallelism the statistics are **per GPU**, as the method defines them: the paper's point is a
+small-batch teacher "without ... inefficient across GPU operation (e.g., shuffling BN, synced BN)"
+(abstract), and the official code (zengarden/momentum2-teacher, torch 1.5: ``momentum_teacher/models/
+m2_teacher.py`` builds the teacher with ``bn="mbn"``, i.e. ``MomentumBatchNorm2d/1d`` of ``models/resnet_mbn.py``,
+as copied in WangWenhao0716/ISC-Track1-Submission ``Pretrain/momentum2-teacher-resnetIBN/momentum_teacher/
+models/resnet_mbn.py``) takes the batch mean / variance of the local batch (``torch.mean(x,
+dim=[0, 2, 3])``, no all-reduce) and keeps one running chain per process: it *re-assigns*
+``self.running_mean`` each update, and the torch 1.5 DDP it ran on (``tools/train.py``: ``DDP(model,
+device_ids=[gpu])``, buffers broadcast) only broadcast the buffer tensors it had listed at construction, so
+each rank's teacher kept its own statistics. Today's DDP re-lists buffers before every broadcast and would
+overwrite every rank's statistics with rank 0's; :class:`MomentumBatchNorm` therefore keeps them out of the
+buffers (:class:`isc.train.dist.NoBroadcastState`). A checkpoint stores rank 0's, as the official one did.
 """
 
 from __future__ import annotations
@@ -18,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from isc.train.dist import NoBroadcastState
 
 __all__ = [
     "MomentumBatchNorm",
@@ -50,7 +64,7 @@ def statistics_momentum(step: int, total_steps: int) -> float:
     return (math.cos(math.pi * k / total_steps) + 1) / 2
 
 
-class MomentumBatchNorm(nn.Module):
+class MomentumBatchNorm(NoBroadcastState):
     """Batch norm that normalises with momentum statistics; for (B, C), (B, C, L) or (B, C, H, W) inputs.
 
     Training: ``mu = alpha mu_batch + (1 - alpha) running_mean`` (same for the unbiased variance), the
@@ -58,7 +72,14 @@ class MomentumBatchNorm(nn.Module):
     ``running = alpha * mean(kept batch stats) + (1 - alpha) * running`` (one update per iteration over
     both views, as in the official code). Evaluation: plain running statistics. Deliberately not a
     ``_BatchNorm`` subclass, so Lightning's SyncBatchNorm conversion leaves it alone.
+
+    Batch statistics come from this process's batch and ``running_mean`` / ``running_var`` (C,) are this
+    process's own (per GPU, as the official code: see the module docstring). They are plain tensors, not
+    buffers, so DDP's per-forward buffer broadcast cannot replace them by rank 0's; they still follow
+    ``.to()`` and are saved / loaded under ``running_mean`` / ``running_var`` like BatchNorm's.
     """
+
+    no_broadcast = ("running_mean", "running_var")
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__()
@@ -67,10 +88,8 @@ class MomentumBatchNorm(nn.Module):
         self.alpha = 1.0
         self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
-        self.running_mean: torch.Tensor
-        self.running_var: torch.Tensor
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+        self.running_mean = torch.zeros(num_features)  # per-process state, not buffers (class docstring)
+        self.running_var = torch.ones(num_features)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @classmethod

