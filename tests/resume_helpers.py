@@ -27,5 +27,7 @@ class PauseAt(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            self.marker.write_text(f"epoch {trainer.current_epoch} step {trainer.global_step}\n")
+            tmp = self.marker.with_suffix(".tmp")
+            tmp.write_text(f"epoch {trainer.current_epoch} step {trainer.global_step}\n")
+            tmp.replace(self.marker)  # appears whole: the test reads it as soon as it exists
             time.sleep(self.sleep_s)

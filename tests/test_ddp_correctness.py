@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +156,56 @@ def test_wants_sync_batchnorm_single_visible_gpu_and_trainer_configs(monkeypatch
     }
     assert values == {"default": None, "ddp": None}  # null = auto, resolved by run.py
     assert OmegaConf.load(trainer / "cpu.yaml").sync_batchnorm is False
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_two_process_evaluation_equals_one_process_with_the_same_weights(
+    benchmark: Path, tmp_path: Path
+) -> None:
+    """Ranks whose BN statistics drifted apart still embed with one set of statistics: rank 0's."""
+    import ddp_eval_job
+
+    from callbacks.retrieval import SPLITS
+    from isc.data.images import Disc21Layout
+    from isc.evaluation.extract import extract_descriptors, image_dataset
+    from isc.evaluation.pipeline import EvaluationSettings, headline_metrics, match_descriptors
+
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_eval_job.py"), str(benchmark), str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"bn_rank{r}.pt", weights_only=True)["running_mean"] for r in (0, 1)]
+    assert not torch.allclose(ranks[0], ranks[1])  # the situation the callback must handle
+    saved = torch.load(tmp_path / "result.pt", weights_only=True)
+
+    module = ddp_eval_job.TinyBN()
+    module.load_state_dict(saved["state_dict"])
+    layout = Disc21Layout(benchmark)
+    paths = [p for split in SPLITS if layout.has_split(split) for p in layout.paths(split)]
+    settings = EvaluationSettings.from_dict(ddp_eval_job.EVALUATION)
+    one = extract_descriptors(
+        module.descriptor_model(), image_dataset(paths, 32), num_workers=0, progress=False
+    )
+    np.testing.assert_allclose(saved["descriptors"].numpy(), one, atol=1e-6, rtol=0)
+
+    n_q, n_r = len(layout.paths("queries")), len(layout.paths("references"))
+    matched = match_descriptors(
+        np.asarray(layout.ids("queries")),
+        one[:n_q],
+        np.asarray(layout.ids("references")),
+        one[n_q : n_q + n_r],
+        one[n_q + n_r :],
+        layout.ground_truth(),
+        settings,
+    )
+    for key, value in headline_metrics(matched, prefix="val/").items():
+        assert saved["metrics"][key] == pytest.approx(value, abs=1e-6), key

@@ -350,28 +350,36 @@ LAST_EVERY_EPOCH = [
 
 
 def resume_job(benchmark: Path, run_dir: Path) -> list[str]:
-    """`python run.py` shrunk to 3 epochs of 2 steps at 32 px, one DataLoader worker."""
+    """`python run.py` shrunk to 3 epochs of 2 steps at 32 px, with one DataLoader worker."""
     return [
-        f"dataset.root={benchmark}",
+        *(o for o in tiny(benchmark) if not o.startswith(("trainer.fast_dev_run", "data.num_workers"))),
         "debug=default",
-        "trainer.accelerator=cpu",
         "trainer.max_epochs=3",
         "trainer.limit_train_batches=null",
         f"data.steps_per_epoch={RESUME_STEPS}",
-        "data.image_size=32",
         "data.num_workers=1",
-        "data.p=2",
-        "data.k=2",
-        "evaluation.image_size=32",
-        "evaluation.num_workers=0",
-        "evaluation.score_normalization.k=2",
-        "logger=csv",
         *LAST_EVERY_EPOCH,
         f"hydra.run.dir={run_dir}",
     ]
 
 
-def start_cli(args: list[str], tmp_path: Path) -> subprocess.Popen:
+@pytest.fixture
+def start_cli(tmp_path: Path):
+    """Start `run.py` in its own process group; whatever still runs at teardown is SIGKILLed."""
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str]) -> subprocess.Popen:
+        procs.append(_start_cli(args, tmp_path))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _start_cli(args: list[str], tmp_path: Path) -> subprocess.Popen:
     env = {
         **os.environ,
         "ISC_CACHE_DIR": str(tmp_path / "cache"),
@@ -379,15 +387,19 @@ def start_cli(args: list[str], tmp_path: Path) -> subprocess.Popen:
         "OMP_NUM_THREADS": "1",  # a shared 2-core machine: oversubscribed threads make runs 3x slower
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
-    log = open(tmp_path / f"{len(list(tmp_path.glob('*.log')))}.log", "w")  # noqa: SIM115 (closed by the OS)
-    return subprocess.Popen(
-        [sys.executable, "run.py", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: SIGKILL reaches the DataLoader worker too
-    )  # fmt: skip
+    with open(tmp_path / f"{len(list(tmp_path.glob('*.log')))}.log", "w") as log:  # the child keeps its copy
+        return subprocess.Popen(
+            [sys.executable, "run.py", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: SIGKILL reaches the DataLoader worker too
+        )  # fmt: skip
+
+
+def logs(tmp_path: Path) -> str:
+    return "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("*.log")))
 
 
 def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float = 300) -> None:
-    assert proc.wait(timeout=timeout) == 0, "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("*.log"))
+    assert proc.wait(timeout=timeout) == 0, logs(tmp_path)
 
 
 def csv_rows(run_dir: Path) -> dict[str, list[dict[str, str]]]:
@@ -403,24 +415,22 @@ def logged(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.timeout(600)
-def test_killed_run_resumes_exactly_from_last_checkpoint(benchmark: Path, tmp_path: Path) -> None:
+def test_killed_run_resumes_exactly_from_last_checkpoint(benchmark: Path, tmp_path: Path, start_cli) -> None:
     """SIGKILL `run.py` mid-epoch 2, resume with ckpt_path=last.ckpt: same weights and per-epoch uAP as a
     run never interrupted, and no batch of the restarted epoch skipped or repeated."""
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     marker = tmp_path / "paused"
-    uninterrupted = start_cli(resume_job(benchmark, whole), tmp_path)
+    uninterrupted = start_cli(resume_job(benchmark, whole))
     pause = [  # before batch 1 of epoch 2: one step of epoch 2 done, last.ckpt from the end of epoch 1
         "+callbacks.pause._target_=resume_helpers.PauseAt",
         "+callbacks.pause.epoch=2",
         "+callbacks.pause.batch=1",
         f"+callbacks.pause.marker={marker}",
     ]
-    killed = start_cli([*resume_job(benchmark, broken), *pause], tmp_path)
+    killed = start_cli([*resume_job(benchmark, broken), *pause])
     deadline = time.monotonic() + 400
     while not marker.exists():
-        assert killed.poll() is None, "the run to kill ended early:\n" + "\n".join(
-            p.read_text()[-3000:] for p in tmp_path.glob("*.log")
-        )
+        assert killed.poll() is None, "the run to kill ended early:\n" + logs(tmp_path)
         assert time.monotonic() < deadline, "the run to kill never reached epoch 2"
         time.sleep(0.2)
     os.killpg(killed.pid, signal.SIGKILL)
@@ -430,7 +440,7 @@ def test_killed_run_resumes_exactly_from_last_checkpoint(benchmark: Path, tmp_pa
     at_kill = torch.load(last, map_location="cpu", weights_only=False)
     assert at_kill["epoch"] == 1 and at_kill["global_step"] == 2 * RESUME_STEPS  # the end of epoch 1
 
-    finish(start_cli([*resume_job(benchmark, broken), f"ckpt_path={last}"], tmp_path), tmp_path)
+    finish(start_cli([*resume_job(benchmark, broken), f"ckpt_path={last}"]), tmp_path)
     finish(uninterrupted, tmp_path)
 
     a = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

@@ -158,3 +158,28 @@ def test_default_config_writes_d2lv_quality_jpegs(sources, tmp_path) -> None:
         assert all(step == 1 for table in img.quantization.values() for step in table)
     with Image.open(tmp_path / "low" / "T000000" / "01.jpg") as img:  # the setting is honoured
         assert any(step > 1 for table in img.quantization.values() for step in table)
+
+
+def test_bw_recipe_stores_greyscale_originals_on_disk_and_online(sources, tmp_path) -> None:
+    """D2LV's bw sets store the original in greyscale too (``Compose(original=...)``), in both modes."""
+    from isc.augment import Grayscale
+    from isc.data.copies import OnlineCopiesDataset
+
+    bw = Compose([Resize(SIZE), Grayscale()], original=Grayscale())
+    generate_copies_dataset(
+        sources[:2], tmp_path / "bw", bw, copies=1, every=1, size=SIZE, workers=0, progress=False
+    )
+    generate_copies_dataset(
+        sources[:2], tmp_path / "rgb", recipe(), copies=1, every=1, size=SIZE, workers=0, progress=False
+    )
+
+    def is_grey(image: Image.Image) -> bool:
+        a = np.asarray(image.convert("RGB")).astype(int)
+        return bool(np.abs(a[..., 0] - a[..., 1]).max() <= 2 and np.abs(a[..., 1] - a[..., 2]).max() <= 2)
+
+    with Image.open(tmp_path / "bw" / "T000000" / "00.jpg") as img:
+        assert is_grey(img)
+    with Image.open(tmp_path / "rgb" / "T000000" / "00.jpg") as img:
+        assert not is_grey(img)  # the synthetic sources are colourful: the check can fail
+    online = OnlineCopiesDataset(sources[:2], bw, members=2)
+    assert is_grey(online[0][0]) and is_grey(online[1][0])  # member 0 is the original

@@ -130,6 +130,9 @@ class OnlineCopiesDataset(Dataset):
         class_index, member = divmod(int(index), self.members)
         image = self._source(class_index)
         if member == 0 and self.include_original:
+            original = getattr(self.recipe, "original", None)  # D2LV's bw sets: greyscale originals
+            if original is not None:
+                image = original(image, rng_for(self.seed, class_index, self.epoch, member))
             image = image.resize((self.original_size, self.original_size), Image.Resampling.BICUBIC)
         else:
             image = self.recipe(image, rng_for(self.seed, class_index, self.epoch, member))

@@ -135,9 +135,11 @@ def _generate_class(job: tuple[str, Path]) -> tuple[str, int, int, str | None]:
     except ImageLoadError as error:
         return class_id, 0, 0, error.reason
     resize = Resize(size)
+    original = getattr(transform, "original", None)  # e.g. D2LV's bw sets store greyscale originals
     for i in missing:
         if i == 0:
-            out = resize(image, rng_for(seed, class_id, 0))
+            first = original(image, rng_for(seed, class_id, 0)) if original is not None else image
+            out = resize(first, rng_for(seed, class_id, 0))
         else:
             out = transform(image, rng_for(seed, class_id, i))
             if out.size != (size, size):
@@ -158,7 +160,7 @@ def generate_copies_dataset(
     recipe: str = "",
     shard: str | tuple[int, int] | None = None,
     workers: int | None = None,
-    jpeg_quality: int = 90,
+    jpeg_quality: int = 100,
     progress: bool = True,
     sheet_classes: int = 8,
 ) -> GenerationSummary:
