@@ -6,7 +6,7 @@ and returns an RGB PIL image; parameters go to ``__init__`` so recipes are plain
 
     from isc.augment import Compose, RandomApply, RandomResizedCrop, Rotate, Resize, rng_for
     t = Compose([RandomResizedCrop(256, scale=(0.2, 1)), RandomApply(Rotate(50), p=0.3), Resize(256)])
-    copy = t(img, rng_for(seed=0, "T000123", 7))   # same (seed, id, copy) -> same bytes
+    copy = t(img, rng_for(0, "T000123", 7))   # same (seed, id, copy) -> same bytes
 """
 
 from __future__ import annotations

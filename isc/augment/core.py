@@ -16,6 +16,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from isc.data.pixels import to_rgb  # one conversion for loading and editing (alpha on white)
+
 Size = tuple[int, int]  # (width, height), PIL order
 Range = tuple[float, float]
 
@@ -45,16 +47,6 @@ def rng_for(seed: int, *keys: int | str) -> np.random.Generator:
 
 
 # ----------------------------------------------------------------------------- helpers
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB view of any input (L, P, RGBA, CMYK...), so every edit can assume three channels."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGB", rgba.size, (0, 0, 0))
-        canvas.paste(rgba, mask=rgba.getchannel("A"))
-        return canvas
-    return img.convert("RGB")
 
 
 def as_range(value: float | Sequence[float], symmetric: bool = False) -> Range:

@@ -236,9 +236,10 @@ class PKSampler:
 
 
 def _epoch_words(seed: int, epoch: int, rank: int) -> np.ndarray:
-    """Six independent 32-bit words from ``(seed, epoch, rank)`` (any signs: SeedSequence needs >= 0)."""
+    """Eight independent 32-bit words from ``(seed, epoch, rank)``, two per stream (torch, numpy, the
+    loader's workers, python); any signs (SeedSequence needs >= 0)."""
     entropy = [int(v) % 2**64 for v in (seed, epoch, rank)]
-    return np.random.SeedSequence(entropy).generate_state(6, dtype=np.uint32)
+    return np.random.SeedSequence(entropy).generate_state(8, dtype=np.uint32)
 
 
 def seed_epoch_streams(seed: int, epoch: int, rank: int = 0) -> None:
@@ -251,7 +252,7 @@ def seed_epoch_streams(seed: int, epoch: int, rank: int = 0) -> None:
     words = _epoch_words(seed, epoch, rank)
     torch.manual_seed(int(words[0]) << 32 | int(words[1]))  # torch.manual_seed seeds CUDA too
     np.random.seed(words[2:4])  # noqa: NPY002  (the global stream is the one to reseed)
-    random.seed(int(words[2]) << 32 | int(words[3]))
+    random.seed(int(words[6]) << 32 | int(words[7]))
 
 
 class EpochLoader(DataLoader):
