@@ -338,15 +338,6 @@ RESUME_STEPS = 2  # optimiser steps per epoch of the kill/resume runs
 # `monitor: val/uAP` last.ckpt is the best epoch, not the last one. Until conf/callbacks has a
 # ModelCheckpoint that writes last.ckpt every epoch, these overrides add it (no-ops once it does).
 # conf fix pending (lead): see the report of issue 8.
-LAST_EVERY_EPOCH = [
-    "callbacks.model_checkpoint.save_last=false",
-    "++callbacks.last_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-    "++callbacks.last_checkpoint.dirpath=${paths.output_dir}/checkpoints",
-    "++callbacks.last_checkpoint.filename=last",
-    "++callbacks.last_checkpoint.monitor=null",
-    "++callbacks.last_checkpoint.save_top_k=1",
-    "++callbacks.last_checkpoint.enable_version_counter=false",
-]
 
 
 def resume_job(benchmark: Path, run_dir: Path) -> list[str]:
@@ -358,7 +349,6 @@ def resume_job(benchmark: Path, run_dir: Path) -> list[str]:
         "trainer.limit_train_batches=null",
         f"data.steps_per_epoch={RESUME_STEPS}",
         "data.num_workers=1",
-        *LAST_EVERY_EPOCH,
         f"hydra.run.dir={run_dir}",
     ]
 
