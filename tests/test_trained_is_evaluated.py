@@ -128,3 +128,34 @@ def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path: Path) -> None:
         load_descriptor_model(tmp_path / "other.ckpt")
     with pytest.raises(FileNotFoundError):
         load_descriptor_model(tmp_path / "missing.pt")
+
+
+def test_evaluation_settings_defaults_equal_the_config_group() -> None:
+    """One set of defaults: the dataclass and conf/evaluation/default.yaml cannot drift apart."""
+    from omegaconf import OmegaConf
+
+    from isc.evaluation.pipeline import EvaluationSettings
+
+    yaml = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "evaluation" / "default.yaml"))
+    assert EvaluationSettings.from_dict(yaml) == EvaluationSettings()
+    with pytest.raises(ValueError, match="whitening"):
+        EvaluationSettings.from_dict({"whitening": {"enable": True}})  # a typo is an error, not ignored
+    with pytest.raises(ValueError, match="exceeds the 5 training images"):
+        EvaluationSettings.from_dict({"whitening": {"enabled": True, "dim": 8}}).for_training_set(5)
+
+
+def test_callback_and_evaluate_share_the_settings_of_the_composed_config(tmp_path: Path) -> None:
+    """The retrieval callback is built from ``evaluation:`` itself, post-processing included."""
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(
+        [
+            "dataset.root=/nowhere",
+            "evaluation.whitening.enabled=true",
+            "evaluation.score_normalization.beta=2",
+        ],
+        tmp_path,
+    )
+    callback = instantiate(cfg.callbacks.retrieval)
+    assert callback.settings == run.evaluation_settings(cfg)
+    assert callback.settings.whitening.enabled and callback.settings.score_normalization.beta == 2
