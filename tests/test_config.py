@@ -227,7 +227,7 @@ EXPECTED = {
         "model.scheduler.warmup_epochs": 10,
         "model.scheduler.final_factor": 0.001,
         "trainer.max_epochs": 1000,
-        "trainer.sync_batchnorm": True,
+        "trainer.sync_batchnorm": None,  # auto: SyncBatchNorm on multi-GPU runs (run.py)
     },
     "embedded_demo": {
         "task": "finetune",

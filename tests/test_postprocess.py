@@ -89,6 +89,11 @@ def test_whitening_with_fewer_rows_than_dims_matches_svd_formula(n: int, d: int)
     np.testing.assert_allclose(_align_signs(got_y, expected_y), expected_y, atol=2e-3)
 
 
+def test_identical_training_descriptors_are_refused():
+    with pytest.raises(ValueError, match="all identical"):
+        PCAWhitening.fit(np.ones((10, 8), dtype=np.float32), dim=4)
+
+
 def test_eigen_power_zero_is_plain_pca():
     rng = np.random.default_rng(1)
     x = _correlated(rng, 400, 16)

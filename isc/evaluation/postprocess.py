@@ -167,7 +167,12 @@ class PCAWhitening:
         pivot = np.abs(eigenvectors).argmax(axis=0)
         signs = np.sign(eigenvectors[pivot, np.arange(dim)])
         eigenvectors = eigenvectors * np.where(signs == 0, 1.0, signs)
-        floor = eps * max(float(eigenvalues[0]), np.finfo(np.float64).tiny)
+        if not eigenvalues[0] > np.finfo(np.float32).tiny:
+            raise ValueError(
+                f"the {n} training descriptors are all identical: PCA-whitening is undefined "
+                "(check the training images, or disable evaluation.whitening)"
+            )
+        floor = eps * float(eigenvalues[0])
         if eigen_power < 0 and np.any(eigenvalues < floor):
             warnings.warn(
                 f"{int(np.sum(eigenvalues < floor))} of the {dim} kept PCA components have (near-)zero variance "

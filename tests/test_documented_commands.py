@@ -1,0 +1,218 @@
+"""Every command that README.md and docs/ show runs: found in the text, shrunk to tiny data, executed.
+
+Commands are collected from the Markdown (fenced blocks and inline code), so a command added to the docs is
+tested without touching this file. Placeholders (``<run>/checkpoints/<x>.ckpt``, ``/data/disc21``, ...) are
+replaced by fixtures, and overrides that shrink the run are appended (tiny images, two steps, one trial);
+the documented overrides themselves are kept, so a key or group the docs name that does not compose fails.
+Paths the docs cite (``isc/...``, ``conf/...``) must exist.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import run
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _code_spans(text: str) -> list[str]:
+    """Fenced code blocks (continuation lines joined) and inline code spans."""
+    spans = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        spans += block.replace("\\\n", " ").splitlines()
+    spans += re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
+    return spans
+
+
+def documented_commands() -> list[str]:
+    found: dict[str, None] = {}
+    for doc in DOCS:
+        for span in _code_spans(doc.read_text()):
+            m = re.search(r"(?:\.venv/bin/)?python (run\.py|-m isc\.[\w.]+)(.*)", span)
+            if m:
+                command = re.sub(r"\s+#.*$", "", f"python {m.group(1)}{m.group(2)}").strip()
+                if "..." not in command:  # prose such as "call `python run.py ...`"
+                    found[" ".join(command.split())] = None
+    return list(found)
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_show_commands_and_cite_existing_files() -> None:
+    assert len(COMMANDS) >= 15  # the parser still finds them
+    missing = []
+    upstream = ("github", "facebookresearch", "WangWenhao0716", "zengarden", "seed's", "official")
+    for doc in DOCS:
+        text = "\n".join(
+            line for line in doc.read_text().splitlines() if not any(u in line for u in upstream)
+        )
+        for path in re.findall(
+            r"\b((?:isc|conf|tests|bench|callbacks|datamodules|lightning_modules|docs)/[\w./{},-]*\w)",
+            text,
+        ):
+            if "{" in path or "*" in path or "<" in path:
+                continue
+            if not (ROOT / path).exists() and not (ROOT / (path + ".py")).exists():
+                missing.append(f"{doc.name}: {path}")
+    assert not missing, missing
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures the placeholders stand for
+
+
+@pytest.fixture(scope="module")
+def world(benchmark: Path, tmp_path_factory) -> dict[str, str]:
+    """Files and folders for every placeholder the docs use."""
+    tmp = tmp_path_factory.mktemp("docs")
+    os.environ["ISC_CACHE_DIR"] = str(tmp / "cache")  # the embedded benchmark, built once for the module
+    photos = tmp / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photos / f"P{i:03d}.jpg")
+    train_dir = tmp / "train"
+    cfg = compose_cfg([*tiny_finetune(), f"dataset.root={benchmark}"], train_dir)
+    run.run_task(cfg)
+    ckpt = str(next((train_dir / "checkpoints").glob("epoch*.ckpt")))
+    export_dir = tmp / "export"
+    run.run_task(compose_cfg(["task=export", f"ckpt_path={ckpt}"], export_dir))
+    eval_dir = tmp / "eval"
+    run.run_task(compose_cfg([*tiny_eval(), "task=evaluate", f"dataset.root={benchmark}"], eval_dir))
+    copies = tmp / "copies"
+    for c in range(4):
+        (copies / f"T{c:06d}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 40), (60 * c, 80 * i, 20)).save(copies / f"T{c:06d}" / f"{i:02d}.jpg")
+    return {
+        "benchmark": str(benchmark),
+        "photos": str(photos),
+        "ckpt": ckpt,
+        "export": str(export_dir / "descriptor_model.pt"),
+        "descriptors": str(eval_dir / "descriptors.h5"),
+        "predictions": str(eval_dir / "predictions.csv"),
+        "ground_truth": str(benchmark / "ground_truth.csv"),
+        "copies": str(copies),
+        "cache": str(tmp / "cache"),
+    }
+
+
+def substitute(command: str, w: dict[str, str]) -> str:
+    """Replace the docs' placeholders by fixtures (longest patterns first)."""
+    rules = [
+        (r"outputs/export/<time>/descriptor_model\.pt", w["export"]),
+        (r"(?:outputs/finetune/<time>|<run>)/checkpoints/<[\w ]+>\.ckpt", w["ckpt"]),
+        (r"outputs/pretrain/<run>/checkpoints/last\.ckpt|<pretrain(?:ing)? last\.ckpt>", "null"),
+        (r"<copies>|<folder from task=generate>|/data/copies/d2lv_base", w["copies"]),
+        (r"<benchmark>|<validation benchmark>|<bench>|/data/disc21_val|/data/bench", w["benchmark"]),
+        (
+            r"/data/disc21/training|/data/imagenet/train|/data/images|/any/folder/of/images|/data/photos",
+            w["photos"],
+        ),
+        (r"\.\./shared/data/caltech101|/work/shared/data/caltech101", w["photos"]),
+        (r"/data/disc21", w["benchmark"]),
+        (r"\bdesc\.h5\b", w["descriptors"]),
+        (r"\bground_truth\.csv\b", w["ground_truth"]),
+        (r"\bpredictions\.csv\b", w["predictions"]),
+        (r"\{queries:q\.hdf5,references:r\.hdf5,training:t\.hdf5\}", w["descriptors"]),
+    ]
+    for pattern, value in rules:
+        command = re.sub(pattern, value, command)
+    assert "<" not in command and "/data/" not in command, f"unknown placeholder in: {command}"
+    return command
+
+
+def tiny_eval() -> list[str]:
+    return ["evaluation.image_size=32", "evaluation.num_workers=0", "evaluation.score_normalization.k=2"]
+
+
+def tiny_finetune() -> list[str]:
+    return [
+        *tiny_eval(),
+        "debug=default",
+        "trainer.accelerator=cpu",
+        "evaluation.image_size=32",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.p=2",
+        "data.k=2",
+        "data.steps_per_epoch=2",
+    ]
+
+
+SHRINK = {
+    "pretrain_barlow": ["model.projector_dims=[32,32]", "data.batch_size=2", "data.image_size=32"],
+    "pretrain_m2t": ["model.projector_hidden_dim=32", "model.predictor_hidden_dim=32", "data.batch_size=2"],
+}
+
+
+def shrink(args: list[str], out: Path) -> list[str]:
+    """Keep the documented overrides, drop GPU-only ones, append what makes the run tiny."""
+    gpu_only = ("trainer=gpu", "trainer.strategy=", "trainer.devices=")
+    args = [a for a in args if not a.startswith(gpu_only)]
+    text = " ".join(args)
+    extra = [*tiny_eval()]
+    if "task=generate" in text:
+        extra += [
+            "generate.copies=1",
+            "generate.every=4",
+            "generate.workers=0",
+            f"generate.out_dir={out}/copies",
+        ]
+    elif "task=build_benchmark" in text:
+        extra += ["benchmark.n_references=4", "benchmark.n_training=4", "benchmark.n_queries=4"]
+    elif "experiment=pretrain" in text:
+        extra += ["debug=default", "trainer.accelerator=cpu", "data.num_workers=0", "data.image_size=32"]
+        extra += SHRINK["pretrain_barlow" if "barlow" in text else "pretrain_m2t"]
+        if "data.max_images" not in text:
+            extra.append("data.max_images=8")
+    elif "task=" not in text or "experiment=finetune" in text:
+        extra += tiny_finetune()
+        if "experiment=finetune_d2lv" in text:
+            extra += ["evaluation.whitening.dim=4", "model.head.hidden_dims=[16]", "model.head.out_dim=8"]
+    if "hparams_search=optuna" in text:
+        extra += ["hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2"]
+    if "-m" in args:
+        return [*args, *extra, f"hydra.sweep.dir={out}/multirun"]
+    return [*args, *extra]
+
+
+def compose_cfg(overrides: list[str], out_dir: Path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={out_dir}", *overrides])
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_documented_command_runs(
+    command: str, world: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ISC_CACHE_DIR", world["cache"])
+    words = shlex.split(substitute(command, world))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if words[1] == "-m" or "--help" in words:  # a module's CLI, Hydra's help
+        result = subprocess.run(
+            [sys.executable, *words[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return
+    args = shrink(words[2:], tmp_path)
+    if "-m" in args:  # a Hydra multirun needs the launcher: run the real CLI
+        result = subprocess.run(
+            [sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return
+    run.run_task(compose_cfg(args, tmp_path / "run"))
