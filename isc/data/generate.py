@@ -181,7 +181,7 @@ def generate_copies_dataset(
     results: list[tuple[str, int, int, str | None]] = []
     bar = tqdm(total=len(classes), desc=f"generate {recipe or 'copies'}", unit="class", disable=not progress)
     if workers <= 1:
-        _init_worker(settings)
+        _SETTINGS[:] = [settings]  # in this process: leave the caller's torch thread count alone
         for job in classes:
             results.append(_generate_class(job))
             bar.update()
