@@ -147,7 +147,8 @@ class RetrievalEvaluation(L.Callback):
                 batch_size=self.settings.batch_size,
                 num_workers=self.settings.num_workers,
                 device=pl_module.device,
-                progress=False,
+                progress=trainer.is_global_zero,
+                desc=f"val/uAP: embedding {len(dataset)} benchmark images",
             )
         finally:
             pl_module.train(was_training)

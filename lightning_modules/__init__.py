@@ -164,10 +164,6 @@ class BackboneModule(L.LightningModule):
         )
         return model.to(self.device)
 
-    def embed(self, images: Any) -> Any:
-        """Copy-detection descriptors: (B, 3, H, W) in [0, 1] -> (B, D), L2-normalised."""
-        return self.descriptor_model()(images)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record how to rebuild the descriptor without Lightning (``isc.models.descriptor.load_descriptor_model``)."""
         prefixes = {"trunk.": "backbone.trunk.", "pooling.": "backbone.pooling."}

@@ -97,11 +97,6 @@ class CopyFinetune(BackboneModule):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
-    @property
-    def embed_dim(self) -> int:
-        if self.head is not None and hasattr(self.head, "descriptor_dim"):
-            return int(self.head.descriptor_dim)
-        return int(self.backbone.trunk.out_channels)
 
     def setup(self, stage: str) -> None:
         """Size the classifier from the data: D2LV's softmax needs one output per training class."""
@@ -125,6 +120,11 @@ class CopyFinetune(BackboneModule):
     @property
     def descriptor_head(self) -> nn.Module | None:
         return self.head
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Copy-detection descriptors: (B, 3, H, W) in [0, 1] -> (B, D), L2-normalised."""
+        out: torch.Tensor = self.descriptor_model()(images)
+        return out
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels = batch
