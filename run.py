@@ -279,11 +279,13 @@ def _print_training_summary(cfg: DictConfig, callbacks: list[object]) -> None:
                 f"with {cb.settings.describe()}; raw {_fmt(before.get('val/uAP_raw'))} -> "
                 f"{_fmt(history[-1]['val/uAP_raw'])}"
             )
-    for cb in callbacks:
-        if isinstance(cb, ModelCheckpoint) and (cb.best_model_path or cb.last_model_path):
-            ckpt = cb.best_model_path or cb.last_model_path
-            print(f"outputs in {cfg.paths.output_dir}; evaluate the best checkpoint with:")
-            print(f"  python run.py {_evaluate_overrides(cfg)}ckpt_path={ckpt}")
+    checkpoints = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.best_model_path]
+    checkpoints.sort(key=lambda cb: cb.monitor is None)  # the one ranked by val/uAP first
+    print(f"outputs in {cfg.paths.output_dir}")
+    if checkpoints:
+        which = "best" if checkpoints[0].monitor else "last"
+        print(f"evaluate the {which} checkpoint with:")
+        print(f"  python run.py {_evaluate_overrides(cfg)}ckpt_path={checkpoints[0].best_model_path}")
 
 
 def _evaluate_overrides(cfg: DictConfig) -> str:
