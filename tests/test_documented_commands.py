@@ -40,7 +40,7 @@ def documented_commands() -> list[str]:
     found: dict[str, None] = {}
     for doc in DOCS:
         for span in _code_spans(doc.read_text()):
-            m = re.search(r"(?:\.venv/bin/)?python (run\.py|-m isc\.[\w.]+)(.*)", span)
+            m = re.search(r"(?:\.venv/bin/)?python (run\.py|-m isc\.[\w.]+|bench/\w+\.py)(.*)", span)
             if m:
                 command = re.sub(r"\s+#.*$", "", f"python {m.group(1)}{m.group(2)}").strip()
                 if "..." not in command:  # prose such as "call `python run.py ...`"
@@ -190,6 +190,25 @@ def shrink(args: list[str], out: Path) -> list[str]:
     return [*args, *extra]
 
 
+BENCH_QUICK = {  # the same scripts on toy sizes: these tests check that they run, not their figures
+    "bench_augment.py": ["--seconds", "0.5", "--warmup", "0.2", "--sources", "4"],
+    "bench_generate.py": ["--classes", "2", "--copies", "2"],
+    "bench_lightning_overhead.py": ["--steps", "2", "--batch", "4", "--size", "32", "--rounds", "1"],
+    "bench_metrics.py": [
+        "--predictions",
+        "2000",
+        "--queries",
+        "500",
+        "--references",
+        "5000",
+        "--repeat",
+        "1",
+    ],
+    "bench_search.py": ["--queries", "100", "--database", "1000", "--repeats", "1"],
+    "bench_pretrain.py": ["--size", "32", "--batch", "2", "--steps", "1"],
+}
+
+
 def compose_cfg(overrides: list[str], out_dir: Path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=[f"paths.output_dir={out_dir}", *overrides])
@@ -202,6 +221,18 @@ def test_documented_command_runs(
     monkeypatch.setenv("ISC_CACHE_DIR", world["cache"])
     words = shlex.split(substitute(command, world))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if words[1].startswith("bench/"):
+        quick = BENCH_QUICK[Path(words[1]).name]
+        result = subprocess.run(
+            [sys.executable, *words[1:], *quick],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return
     if words[1] == "-m" or "--help" in words:  # a module's CLI, Hydra's help
         result = subprocess.run(
             [sys.executable, *words[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
