@@ -37,12 +37,7 @@ log = logging.getLogger("run")
 
 def dataset_root(cfg: DictConfig) -> Path:
     """The DISC21-layout folder to use: ``dataset.root``, or the embedded benchmark (built on first use)."""
-    if OmegaConf.is_missing(cfg.dataset, "root"):
-        raise ValueError(
-            "this dataset config needs its folder: add dataset.root=/path/to/disc21 "
-            "(a folder with references/, queries/, optionally training/ and ground_truth.csv)"
-        )
-    if cfg.dataset.root:
+    if cfg.dataset.root:  # `dataset=disc21` without a root stops here (conf/dataset/disc21.yaml)
         return Path(cfg.dataset.root).expanduser()
     d = cfg.dataset
     return ensure_embedded_benchmark(

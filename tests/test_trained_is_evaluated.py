@@ -159,3 +159,21 @@ def test_callback_and_evaluate_share_the_settings_of_the_composed_config(tmp_pat
     callback = instantiate(cfg.callbacks.retrieval)
     assert callback.settings == run.evaluation_settings(cfg)
     assert callback.settings.whitening.enabled and callback.settings.score_normalization.beta == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task=pretrain"], "task=pretrain but model=lightning_modules.copy_finetune.CopyFinetune"),
+        (["task=evaluate", "dataset=disc21"], "dataset=disc21 needs its folder"),
+        (["experiment=finetune_d2lv_r50"], "set backbone.trunk.weights="),
+        (["experiment=finetune_d2lv_r50", "backbone.trunk.weights=null"], "set data.generated="),
+        (["+loss=d2lv"], "the loss belongs to the model: use model/loss="),
+    ],
+)
+def test_misconfigured_runs_stop_before_any_work_with_the_setting_to_change(
+    overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(Exception, match=message):
+        run.run_task(compose_cfg([*overrides, "dataset.name=never-built"], tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
