@@ -97,7 +97,6 @@ class CopyFinetune(BackboneModule):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
-
     def setup(self, stage: str) -> None:
         """Size the classifier from the data: D2LV's softmax needs one output per training class."""
         if not isinstance(self.loss, D2LVLoss) or self.classifier is not None:
