@@ -14,6 +14,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +76,11 @@ def test_the_docs_show_commands_and_cite_existing_files() -> None:
 
 
 @pytest.fixture(scope="module")
-def world(benchmark: Path, tmp_path_factory) -> dict[str, str]:
+def world(benchmark: Path, tmp_path_factory) -> Iterator[dict[str, str]]:
     """Files and folders for every placeholder the docs use."""
     tmp = tmp_path_factory.mktemp("docs")
-    os.environ["ISC_CACHE_DIR"] = str(tmp / "cache")  # the embedded benchmark, built once for the module
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ISC_CACHE_DIR", str(tmp / "cache"))  # the embedded benchmark, built once for the module
     photos = tmp / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)
@@ -97,7 +99,7 @@ def world(benchmark: Path, tmp_path_factory) -> dict[str, str]:
         (copies / f"T{c:06d}").mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (40, 40), (60 * c, 80 * i, 20)).save(copies / f"T{c:06d}" / f"{i:02d}.jpg")
-    return {
+    yield {
         "benchmark": str(benchmark),
         "photos": str(photos),
         "ckpt": ckpt,
@@ -108,13 +110,15 @@ def world(benchmark: Path, tmp_path_factory) -> dict[str, str]:
         "copies": str(copies),
         "cache": str(tmp / "cache"),
     }
+    patch.undo()
 
 
 def substitute(command: str, w: dict[str, str]) -> str:
     """Replace the docs' placeholders by fixtures (longest patterns first)."""
     rules = [
         (r"outputs/export/<time>/descriptor_model\.pt", w["export"]),
-        (r"(?:outputs/finetune/<time>|<run>)/checkpoints/<[\w ]+>\.ckpt", w["ckpt"]),
+        (r"(?:outputs/finetune/<time>|<run>)/checkpoints/(?:<[\w ]+>|[\w.-]+)\.ckpt", w["ckpt"]),
+        (r"<cache>/embedded-v2", w["benchmark"]),
         (r"outputs/pretrain/<run>/checkpoints/last\.ckpt|<pretrain(?:ing)? last\.ckpt>", "null"),
         (r"<copies>|<folder from task=generate>|/data/copies/d2lv_base", w["copies"]),
         (r"<benchmark>|<validation benchmark>|<bench>|/data/disc21_val|/data/bench", w["benchmark"]),
