@@ -33,7 +33,8 @@ def _code_spans(text: str) -> list[str]:
     spans = []
     for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
         spans += block.replace("\\\n", " ").splitlines()
-    spans += re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
+    inline = re.findall(r"(?<!`)`([^`]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
+    spans += [" ".join(span.split()) for span in inline]  # inline code may wrap across lines
     return spans
 
 
@@ -117,9 +118,9 @@ def substitute(command: str, w: dict[str, str]) -> str:
     """Replace the docs' placeholders by fixtures (longest patterns first)."""
     rules = [
         (r"outputs/export/<time>/descriptor_model\.pt", w["export"]),
+        (r"outputs/pretrain/<run>/checkpoints/last\.ckpt|<pretrain(?:ing)? last\.ckpt>", "null"),
         (r"(?:outputs/finetune/<time>|<run>)/checkpoints/(?:<[\w ]+>|[\w.-]+)\.ckpt", w["ckpt"]),
         (r"<cache>/embedded-v2", w["benchmark"]),
-        (r"outputs/pretrain/<run>/checkpoints/last\.ckpt|<pretrain(?:ing)? last\.ckpt>", "null"),
         (r"<copies>|<folder from task=generate>|/data/copies/d2lv_base", w["copies"]),
         (r"<benchmark>|<validation benchmark>|<bench>|/data/disc21_val|/data/bench", w["benchmark"]),
         (
@@ -128,7 +129,7 @@ def substitute(command: str, w: dict[str, str]) -> str:
         ),
         (r"\.\./shared/data/caltech101|/work/shared/data/caltech101", w["photos"]),
         (r"/data/disc21", w["benchmark"]),
-        (r"\bdesc\.h5\b", w["descriptors"]),
+        (r"\bdesc\.h5\b|<run>/descriptors\.h5", w["descriptors"]),
         (r"\bground_truth\.csv\b", w["ground_truth"]),
         (r"\bpredictions\.csv\b", w["predictions"]),
         (r"\{queries:q\.hdf5,references:r\.hdf5,training:t\.hdf5\}", w["descriptors"]),
@@ -187,6 +188,8 @@ def shrink(args: list[str], out: Path) -> list[str]:
         extra += tiny_finetune()
         if "experiment=finetune_d2lv" in text:
             extra += ["evaluation.whitening.dim=4", "model.head.hidden_dims=[16]", "model.head.out_dim=8"]
+    if "evaluation.whitening.enabled=true" in text:
+        extra.append("evaluation.whitening.dim=4")  # the tiny benchmark has 6 training images
     if "hparams_search=optuna" in text:
         extra += ["hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2"]
     if "-m" in args:
