@@ -48,3 +48,18 @@ def make_copy_benchmark(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def benchmark(tmp_path_factory) -> Path:
     return make_copy_benchmark(tmp_path_factory.mktemp("bench"))
+
+
+def ddp_env() -> dict[str, str]:
+    """Environment for a 2-process gloo job in a subprocess: a free rendezvous port, no inherited ranks."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    root = str(Path(__file__).resolve().parents[1])
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": root}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    return env

@@ -7,8 +7,6 @@ the saved per-rank state against the definition, recomputed in this process.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,22 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import ddp_correctness_job as job  # noqa: E402
+from conftest import ddp_env  # noqa: E402
 
 from isc.losses.metric import CrossBatchMemory  # noqa: E402
 from isc.models.momentum import commit_statistics, set_statistics_momentum, statistics_momentum  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_job(mode: str, out: Path) -> list[dict[str, Any]]:
     """Run the two-process job; return each rank's saved record."""
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)
+    env = ddp_env()
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "ddp_correctness_job.py"), mode, str(out)],
         cwd=ROOT,
@@ -171,9 +162,7 @@ def test_two_process_evaluation_equals_one_process_with_the_same_weights(
     from isc.evaluation.extract import extract_descriptors, image_dataset
     from isc.evaluation.pipeline import EvaluationSettings, headline_metrics, match_descriptors
 
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(key, None)
+    env = ddp_env()
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "ddp_eval_job.py"), str(benchmark), str(tmp_path)],
         cwd=ROOT,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,20 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import ddp_pretrain_job as job  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from conftest import ddp_env  # noqa: E402
 
 
 @pytest.mark.ddp
 @pytest.mark.timeout(300)
 def test_barlow_twins_ddp_loss_and_gradients_equal_the_full_batch(tmp_path: Path) -> None:
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(ROOT)}
-    env.pop("LOCAL_RANK", None)
-    env.pop("WORLD_SIZE", None)
+    env = ddp_env()
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "ddp_pretrain_job.py"), str(tmp_path)],
         cwd=ROOT,
