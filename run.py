@@ -6,6 +6,7 @@ sweeper can optimise what it returns. Everything a run produces goes into its Hy
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from isc.data.benchmark import build_benchmark, ensure_embedded_benchmark
 from isc.data.generate import generate_copies_dataset
-from isc.data.images import Disc21Layout, find_images
+from isc.data.images import Disc21Layout, ImageFolderDataset, find_images
 from isc.evaluation.extract import extract_descriptors, image_dataset
+from isc.evaluation.inference import ConcatModel, run_test_stage
 from isc.evaluation.io import (
     DescriptorSource,
     atomic_write,
@@ -29,7 +31,9 @@ from isc.evaluation.io import (
     write_descriptors,
     write_predictions,
 )
-from isc.evaluation.pipeline import EvaluationSettings, headline_metrics, match_descriptors
+from isc.evaluation.matches import GroundTruth, Predictions
+from isc.evaluation.pipeline import METRIC_NAMES, EvaluationSettings, headline_metrics, match_descriptors
+from isc.evaluation.report import Evidence, Stage, report_figures, write_report
 from isc.models.descriptor import DescriptorModel, load_descriptor_model, save_descriptor_model
 
 log = logging.getLogger("run")
@@ -70,29 +74,32 @@ def descriptor_model(cfg: DictConfig) -> DescriptorModel:
     return model
 
 
-def evaluate(cfg: DictConfig) -> dict[str, object]:
-    """Extract descriptors on a DISC21-layout folder, match them, and score them against its ground truth."""
+def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
+    """Extract descriptors on a DISC21-layout folder, match them, and score them against its ground truth.
+
+    With ``predict=True`` (``task=predict``) the ground truth is never read: only the official matching
+    CSV and descriptor file are written. Any of ``evaluation.scales``, ``local_verification`` or
+    ``ensemble`` switches to D2LV's full test stage (:mod:`isc.evaluation.inference`).
+    """
     out_dir = Path(cfg.paths.output_dir)
     settings = evaluation_settings(cfg)
     layout = Disc21Layout(dataset_root(cfg))
-    layout.validate()
+    if not predict:
+        layout.validate()
     log.info("dataset: %s", layout.root)
+    ground_truth = layout.ground_truth() if layout.has_ground_truth() and not predict else None
+    if settings.test_stage:
+        return _evaluate_test_stage(cfg, settings, layout, ground_truth)
     if settings.descriptors:
         ids, descriptors, skipped = read_descriptor_file(settings.descriptors)
         settings.for_training_set(len(ids.get("training", ())))
+        paths: dict[str, list[Path]] = {}
     else:
         n_training = len(layout.paths("training")) if layout.has_split("training") else 0
         settings.for_training_set(n_training)  # refuse impossible post-processing before extracting
         model = descriptor_model(cfg)
-        max_dim = settings.descriptor_track_max_dim
-        out_dim = settings.whitening.dim if settings.whitening.enabled else model.dim
-        if max_dim is not None and out_dim > max_dim:
-            raise ValueError(
-                f"the descriptors would have {out_dim} dims but evaluation.descriptor_track_max_dim={max_dim}: "
-                "enable evaluation.whitening with dim <= that, or raise the limit"
-            )
-        ids, descriptors, skipped = extract_splits(cfg, layout, model, settings)
-    ground_truth = layout.ground_truth() if layout.has_ground_truth() else None
+        _check_descriptor_track(settings, model.dim)
+        ids, descriptors, skipped, paths = extract_splits(cfg, layout, model, settings)
     result = match_descriptors(
         ids["queries"],
         descriptors["queries"],
@@ -102,7 +109,6 @@ def evaluate(cfg: DictConfig) -> dict[str, object]:
         ground_truth,
         settings,
     )
-
     write_descriptors(
         out_dir / "descriptors.h5",
         ids["queries"],
@@ -118,16 +124,206 @@ def evaluate(cfg: DictConfig) -> dict[str, object]:
     metrics["postprocessing"] = settings.for_training_set(len(ids.get("training", ()))).describe()
     metrics["num_predictions"] = len(result.predictions)
     metrics["skipped_images"] = skipped
+    if ground_truth is not None and paths:
+        stage = Stage("global", {k: metrics[k] for k in METRIC_NAMES})  # type: ignore[misc]
+        _write_report(cfg, result.predictions, ground_truth, [stage], paths, ids, metrics)
+    return _finish(cfg, metrics, result.metrics is not None)
+
+
+def _finish(cfg: DictConfig, metrics: dict[str, object], scored: bool) -> dict[str, object]:
+    out_dir = Path(cfg.paths.output_dir)
     write_json(out_dir / "metrics.json", metrics)
-    if result.metrics is None:
-        print(f"no ground truth: predictions written to {out_dir / 'predictions.csv'}")
-    else:
+    if not scored:
         print(
-            f"uAP {_fmt(metrics['uAP'])} with {metrics['postprocessing']} (raw {_fmt(metrics['uAP_raw'])}), "
-            f"recall@P90 {_fmt(metrics['recall_at_p90'])}, recall@rank1 {_fmt(metrics['recall_at_rank1'])}"
+            f"predictions written to {out_dir / 'predictions.csv'}, descriptors to {out_dir / 'descriptors.h5'}"
         )
-        print(f"outputs in {out_dir}")
+        return metrics
+    raw = f" (raw {_fmt(metrics['uAP_raw'])})" if "uAP_raw" in metrics else ""  # type: ignore[arg-type]
+    print(
+        f"uAP {_fmt(metrics['uAP'])} with {metrics['postprocessing']}{raw}, "  # type: ignore[arg-type]
+        f"recall@P90 {_fmt(metrics['recall_at_p90'])}, recall@rank1 {_fmt(metrics['recall_at_rank1'])}"  # type: ignore[arg-type]
+    )
+    if "report" in metrics:
+        print(f"report: {metrics['report']}")
+    print(f"outputs in {out_dir}")
     return metrics
+
+
+def _check_descriptor_track(settings: EvaluationSettings, model_dim: int) -> None:
+    max_dim = settings.descriptor_track_max_dim
+    out_dim = settings.whitening.dim if settings.whitening.enabled else model_dim
+    if max_dim is not None and out_dim > max_dim:
+        raise ValueError(
+            f"the descriptors would have {out_dim} dims but evaluation.descriptor_track_max_dim={max_dim}: "
+            "enable evaluation.whitening with dim <= that, or raise the limit"
+        )
+
+
+def predict(cfg: DictConfig) -> dict[str, object]:
+    """``task=predict``: the official matching CSV and descriptor file for queries without ground truth."""
+    return evaluate(cfg, predict=True)
+
+
+def test_stage_models(
+    cfg: DictConfig, settings: EvaluationSettings
+) -> tuple[list[torch.nn.Module], EvaluationSettings]:
+    """The models of the test stage: ``evaluation.ensemble.models``, else ``ckpt_path`` or the backbone.
+
+    Every file is loaded before any image is read, so a wrong path fails at once. The ``concat`` rule
+    turns them into one model whose descriptor is whitened to ``ensemble.concat_dim``.
+    """
+    e = settings.ensemble
+    if not e.models:
+        models: list[torch.nn.Module] = [descriptor_model(cfg)]
+    else:
+        if cfg.ckpt_path:
+            raise ValueError("give either ckpt_path or evaluation.ensemble.models, not both")
+        models = [load_descriptor_model(Path(p).expanduser()) for p in e.models]
+        if e.rule == "concat":
+            models = [ConcatModel(models)]
+            whitening = dataclasses.replace(settings.whitening, enabled=True, dim=e.concat_dim)
+            settings = dataclasses.replace(settings, whitening=whitening)
+    if settings.scales is None:
+        size = getattr(models[0], "image_size", None) or settings.image_size
+        settings = dataclasses.replace(settings, scales=(size,))
+    for model in models:
+        _check_descriptor_track(settings, int(model.dim))  # type: ignore[arg-type]
+    return models, settings
+
+
+def _evaluate_test_stage(
+    cfg: DictConfig, settings: EvaluationSettings, layout: Disc21Layout, ground_truth: GroundTruth | None
+) -> dict[str, object]:
+    """D2LV's test stage: every configured step, scored stage by stage on one extraction."""
+    if settings.descriptors:
+        raise ValueError(
+            "evaluation.descriptors holds one descriptor per image; scales, local_verification and "
+            "ensemble need the models: drop evaluation.descriptors or those settings"
+        )
+    splits = ["queries", "references"] + (["training"] if layout.has_split("training") else [])
+    settings.for_training_set(len(layout.paths("training")) if "training" in splits else 0)
+    models, settings = test_stage_models(cfg, settings)
+    paths, ids, skipped = {}, {}, {}
+    for split in splits:
+        listing = ImageFolderDataset(layout.paths(split), skip_bad=cfg.dataset.skip_bad_images)
+        paths[split], ids[split], skipped[split] = listing.paths, listing.ids, len(listing.skipped)
+    started = time.perf_counter()
+    result = run_test_stage(models, paths, ids, settings, ground_truth)
+    log.info("test stage took %.1f s", time.perf_counter() - started)
+    out_dir = Path(cfg.paths.output_dir)
+    q_ids, r_ids = np.asarray(ids["queries"]), np.asarray(ids["references"])
+    t_ids = np.asarray(ids["training"]) if result.training_descriptors is not None else None
+    write_descriptors(
+        out_dir / "descriptors.h5",
+        q_ids,
+        result.query_descriptors,
+        r_ids,
+        result.reference_descriptors,
+        t_ids,
+        result.training_descriptors,
+        max_dim=settings.descriptor_track_max_dim,
+    )
+    final = result.final
+    write_predictions(out_dir / "predictions.csv", final.predictions, max_rows=settings.max_predictions)
+    s = settings.for_training_set(len(paths.get("training", ())))
+    metrics: dict[str, object] = {}
+    if final.metrics is not None:
+        d = final.metrics.to_dict()
+        metrics.update({k: float(d[k] or 0.0) for k in METRIC_NAMES})
+    metrics["postprocessing"] = " + ".join(
+        [s.describe()] + [st.name.removeprefix("+ ") for st in result.stages[1:]]
+    )
+    metrics["stages"] = {
+        st.name: {
+            **({k: st.metrics.to_dict()[k] for k in METRIC_NAMES} if st.metrics is not None else {}),
+            "seconds_per_query": st.seconds_per_query,
+            "num_predictions": len(st.predictions),
+        }
+        for st in result.stages
+    }
+    metrics["num_predictions"] = len(final.predictions)
+    metrics["skipped_images"] = skipped
+    if ground_truth is not None:
+        for st in result.stages:
+            m = metrics["stages"][st.name]  # type: ignore[index]
+            print(
+                f"  {st.name:<22} uAP {_fmt(m['uAP'])}  recall@P90 {_fmt(m['recall_at_p90'])}  "
+                f"{1000 * st.seconds_per_query:.1f} ms/query"
+            )
+        stages = [
+            Stage(st.name, {k: metrics["stages"][st.name][k] for k in METRIC_NAMES}, st.seconds_per_query)  # type: ignore[index]
+            for st in result.stages
+        ]
+        evidence = {
+            key: Evidence(qv.box, rv.box, label) for key, (qv, rv, label) in result.evidence().items()
+        }
+        _write_report(cfg, final.predictions, ground_truth, stages, paths, ids, metrics, evidence)
+    return _finish(cfg, metrics, final.metrics is not None)
+
+
+def _write_report(
+    cfg: DictConfig,
+    predictions: Predictions,
+    ground_truth: GroundTruth,
+    stages: list[Stage],
+    paths: dict[str, list[Path]],
+    ids: dict[str, np.ndarray] | dict[str, list[str]],
+    metrics: dict[str, object],
+    evidence: dict | None = None,
+) -> None:
+    """The HTML report beside the outputs (and its figures in wandb when that logger is configured)."""
+    path = write_report(
+        Path(cfg.paths.output_dir) / "report.html",
+        predictions=predictions,
+        ground_truth=ground_truth,
+        stages=stages,
+        query_paths=dict(zip(map(str, ids["queries"]), paths["queries"], strict=True)),
+        reference_paths=dict(zip(map(str, ids["references"]), paths["references"], strict=True)),
+        evidence=evidence,
+        subtitle=f"{dataset_root(cfg)} · model {cfg.ckpt_path or cfg.backbone.get('_target_', '')} · "
+        f"{metrics['postprocessing']}",
+    )
+    metrics["report"] = str(path)
+    _log_report_to_wandb(cfg, predictions, ground_truth, metrics, path)
+
+
+def _log_report_to_wandb(
+    cfg: DictConfig,
+    predictions: Predictions,
+    ground_truth: GroundTruth,
+    metrics: dict[str, object],
+    path: Path,
+) -> None:
+    """With ``logger=wandb``: the headline figures, the PR curve, the score histograms and the page itself."""
+    if "wandb" not in (cfg.get("logger") or {}):
+        return
+    import wandb
+
+    figures = report_figures(predictions, ground_truth)
+    w = cfg.logger.wandb
+    run = wandb.init(
+        project=w.project, name=f"{cfg.task}", dir=str(cfg.paths.output_dir), mode=w.mode, reinit=True
+    )
+    try:
+        pr = wandb.Table(
+            columns=["recall", "precision"],
+            data=list(zip(figures["recall"], figures["precision"], strict=True)),
+        )
+        run.log(
+            {
+                **{f"test/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
+                "test/pr_curve": wandb.plot.line(pr, "recall", "precision", title="precision-recall"),
+                "test/true_pair_scores": wandb.Histogram(
+                    np_histogram=(figures["true_counts"], figures["bins"])
+                ),
+                "test/false_pair_scores": wandb.Histogram(
+                    np_histogram=(figures["false_counts"], figures["bins"])
+                ),
+                "test/report": wandb.Html(path.read_text()),
+            }
+        )
+    finally:
+        run.finish()
 
 
 def export(cfg: DictConfig) -> dict[str, object]:
@@ -158,7 +354,7 @@ def read_descriptor_file(source: DescriptorSource) -> tuple[Splits, Splits, dict
 
 def extract_splits(
     cfg: DictConfig, layout: Disc21Layout, model: DescriptorModel, settings: EvaluationSettings
-) -> tuple[Splits, Splits, dict[str, int]]:
+) -> tuple[Splits, Splits, dict[str, int], dict[str, list[Path]]]:
     """Descriptors of every split of ``layout`` with ``model`` at its recorded input size."""
     image_size = model.image_size or settings.image_size
     if model.image_size and model.image_size != settings.image_size:
@@ -170,12 +366,13 @@ def extract_splits(
     ids: Splits = {}
     descriptors: Splits = {}
     skipped: dict[str, int] = {}
+    paths: dict[str, list[Path]] = {}
     splits = ["queries", "references"] + (["training"] if layout.has_split("training") else [])
     started = time.perf_counter()
     for split in splits:
         dataset = image_dataset(layout.paths(split), image_size, skip_bad=cfg.dataset.skip_bad_images)
         skipped[split] = len(dataset.skipped)
-        ids[split] = np.asarray(dataset.ids)
+        ids[split], paths[split] = np.asarray(dataset.ids), list(dataset.paths)
         descriptors[split] = extract_descriptors(
             model,
             dataset,
@@ -189,7 +386,7 @@ def extract_splits(
     log.info("extracted %d descriptors in %.1f s (%.1f images/s)", n_images, seconds, n_images / seconds)
     if any(skipped.values()):
         log.warning("skipped unreadable images: %s", skipped)
-    return ids, descriptors, skipped
+    return ids, descriptors, skipped, paths
 
 
 def check_training_task(cfg: DictConfig) -> None:
@@ -378,6 +575,7 @@ def _fmt(value: float | None) -> str:
 
 TASKS: dict[str, Callable[[DictConfig], dict[str, object]]] = {
     "evaluate": evaluate,
+    "predict": predict,
     "export": export,
     "generate": generate,
     "build_benchmark": build_benchmark_task,

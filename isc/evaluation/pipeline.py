@@ -26,7 +26,9 @@ from isc.evaluation.postprocess import PCAWhitening, l2_normalize, normalize_sco
 from isc.evaluation.search import Backend, knn, predictions_from_knn
 
 __all__ = [
+    "Ensemble",
     "EvaluationSettings",
+    "LocalVerification",
     "MatchingResult",
     "ScoreNormalization",
     "Whitening",
@@ -58,6 +60,42 @@ class ScoreNormalization:
 
 
 @dataclass(frozen=True)
+class LocalVerification:
+    """D2LV's local verification: query views and reference crops, and how their scores combine.
+
+    ``query`` holds :class:`isc.evaluation.views.QueryExpansion`'s keys (rotations, crops, proposals,
+    overlays, ...). ``penalty`` is subtracted from rows of any view whose kind is not in ``penalty_free``
+    (seed ``Test/final/combine.py``: 0.05 off everything but the original query and detected overlays);
+    a pair's score is the mean of its ``top`` best distinct view scores (seed: 2).
+    """
+
+    enabled: bool = False
+    query: Mapping[str, Any] = field(default_factory=dict)
+    reference_crops: bool = False
+    penalty: float = 0.05
+    penalty_free: tuple[str, ...] = ("original", "overlay")
+    top: int = 2
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """Several models in one evaluation (D2LV: ResNet-50, ResNet-152 and ResNet-50-IBN-a).
+
+    ``rule="vote"``: each model searches on its own and a view pair is kept when at least ``min_votes``
+    models return it (``vote_on`` the view pair as the seed does, or the image pair); ``combine="pool"``
+    keeps the agreeing models' rows for the max / top-2 aggregation (the seed), ``"mean"`` averages them.
+    ``rule="concat"``: the models' unit descriptors are concatenated and PCA-whitened to ``concat_dim``.
+    """
+
+    models: tuple[str, ...] = ()
+    rule: str = "vote"
+    min_votes: int = 2
+    vote_on: str = "view"
+    combine: str = "pool"
+    concat_dim: int = 256
+
+
+@dataclass(frozen=True)
 class EvaluationSettings:
     """How descriptors are extracted, post-processed, matched and capped; mirrors ``conf/evaluation/``.
 
@@ -75,13 +113,20 @@ class EvaluationSettings:
     max_predictions: int = 500_000
     descriptor_track_max_dim: int | None = None
     descriptors: Any = None
+    scales: tuple[int, ...] | None = None
+    multiscale: str = "mean"
+    local_verification: LocalVerification = field(default_factory=LocalVerification)
+    ensemble: Ensemble = field(default_factory=Ensemble)
+    reference_block: int = 100_000
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EvaluationSettings:
         """Parse the ``evaluation:`` config; an unknown key is an error naming the valid ones."""
-        nested: dict[str, type[Whitening] | type[ScoreNormalization]] = {
+        nested: dict[str, Any] = {
             "whitening": Whitening,
             "score_normalization": ScoreNormalization,
+            "local_verification": LocalVerification,
+            "ensemble": Ensemble,
         }
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
@@ -97,7 +142,9 @@ class EvaluationSettings:
                     raise ValueError(
                         f"unknown key(s) evaluation.{key}.{sorted(bad)}; valid: {sorted(sub_known)}"
                     )
-                value = sub(**value)
+                value = sub(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+            elif key == "scales" and value is not None:
+                value = tuple(int(v) for v in value)
             kwargs[key] = value
         settings = cls(**kwargs)
         settings.check()
@@ -115,6 +162,44 @@ class EvaluationSettings:
             raise ValueError(
                 f"evaluation.score_normalization.k must be >= 1, got {self.score_normalization.k}"
             )
+
+        if self.scales is not None and (not self.scales or min(self.scales) < 32):
+            raise ValueError(
+                f"evaluation.scales must be a non-empty list of sizes >= 32 px, got {self.scales}"
+            )
+        if self.multiscale not in ("mean", "max"):
+            raise ValueError(f"evaluation.multiscale must be mean or max, got {self.multiscale!r}")
+        lv, e = self.local_verification, self.ensemble
+        if lv.top < 1:
+            raise ValueError(f"evaluation.local_verification.top must be >= 1, got {lv.top}")
+        if lv.enabled:
+            from isc.evaluation.views import QueryExpansion
+
+            QueryExpansion.from_dict(lv.query)  # unknown keys fail here, before any extraction
+        if e.rule not in ("vote", "concat"):
+            raise ValueError(f"evaluation.ensemble.rule must be vote or concat, got {e.rule!r}")
+        if e.vote_on not in ("view", "image") or e.combine not in ("pool", "mean"):
+            raise ValueError(
+                "evaluation.ensemble.vote_on must be view or image and evaluation.ensemble.combine pool or "
+                f"mean, got {e.vote_on!r} and {e.combine!r}"
+            )
+        if e.models and not 1 <= e.min_votes <= len(e.models):
+            raise ValueError(
+                f"evaluation.ensemble.min_votes={e.min_votes} must be between 1 and the "
+                f"{len(e.models)} models of evaluation.ensemble.models"
+            )
+        if self.reference_block < 1:
+            raise ValueError(f"evaluation.reference_block must be >= 1, got {self.reference_block}")
+
+    @property
+    def test_stage(self) -> bool:
+        """Whether anything beyond one global descriptor per image is asked for (see isc.evaluation.inference)."""
+        return bool(
+            self.scales is not None
+            or self.local_verification.enabled
+            or self.local_verification.reference_crops
+            or self.ensemble.models
+        )
 
     @property
     def whitening_dim(self) -> int | None:
