@@ -95,8 +95,7 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
         settings.for_training_set(len(ids.get("training", ())))
         paths: dict[str, list[Path]] = {}
     else:
-        n_training = len(layout.paths("training")) if layout.has_split("training") else 0
-        settings.for_training_set(n_training)  # refuse impossible post-processing before extracting
+        settings.for_training_set(len(settings.split_paths(layout).get("training", ())))  # before extracting
         model = descriptor_model(cfg)
         _check_descriptor_track(settings, model.dim)
         ids, descriptors, skipped, paths = extract_splits(cfg, layout, model, settings)
@@ -200,12 +199,12 @@ def _evaluate_test_stage(
             "evaluation.descriptors holds one descriptor per image; scales, local_verification and "
             "ensemble need the models: drop evaluation.descriptors or those settings"
         )
-    splits = ["queries", "references"] + (["training"] if layout.has_split("training") else [])
-    settings.for_training_set(len(layout.paths("training")) if "training" in splits else 0)
+    listed = settings.split_paths(layout)
+    settings.for_training_set(len(listed.get("training", ())))
     models, settings = test_stage_models(cfg, settings)
     paths, ids, skipped = {}, {}, {}
-    for split in splits:
-        listing = ImageFolderDataset(layout.paths(split), skip_bad=cfg.dataset.skip_bad_images)
+    for split, files in listed.items():
+        listing = ImageFolderDataset(files, skip_bad=cfg.dataset.skip_bad_images)
         paths[split], ids[split], skipped[split] = listing.paths, listing.ids, len(listing.skipped)
     started = time.perf_counter()
     result = run_test_stage(models, paths, ids, settings, ground_truth)
@@ -254,8 +253,11 @@ def _evaluate_test_stage(
             Stage(st.name, {k: metrics["stages"][st.name][k] for k in METRIC_NAMES}, st.seconds_per_query)  # type: ignore[index]
             for st in result.stages
         ]
-        evidence = {
-            key: Evidence(qv.box, rv.box, label) for key, (qv, rv, label) in result.evidence().items()
+        evidence = {  # boxes only where a part of the image won (the whole frame needs none)
+            key: Evidence(
+                None if qv.kind == "original" else qv.box, None if rv.kind == "original" else rv.box, label
+            )
+            for key, (qv, rv, label) in result.evidence().items()
         }
         _write_report(cfg, final.predictions, ground_truth, stages, paths, ids, metrics, evidence)
     return _finish(cfg, metrics, final.metrics is not None)
@@ -280,11 +282,17 @@ def _write_report(
         query_paths=dict(zip(map(str, ids["queries"]), paths["queries"], strict=True)),
         reference_paths=dict(zip(map(str, ids["references"]), paths["references"], strict=True)),
         evidence=evidence,
-        subtitle=f"{dataset_root(cfg)} · model {cfg.ckpt_path or cfg.backbone.get('_target_', '')} · "
-        f"{metrics['postprocessing']}",
+        subtitle=f"{dataset_root(cfg)} · model {_model_name(cfg)} · {metrics['postprocessing']}",
     )
     metrics["report"] = str(path)
     _log_report_to_wandb(cfg, predictions, ground_truth, metrics, path)
+
+
+def _model_name(cfg: DictConfig) -> str:
+    models = cfg.evaluation.ensemble.models
+    if models:
+        return f"ensemble of {len(models)} ({cfg.evaluation.ensemble.rule})"
+    return str(cfg.ckpt_path or _recipe_name("backbone") or cfg.backbone.get("_target_", ""))
 
 
 def _log_report_to_wandb(
@@ -367,10 +375,9 @@ def extract_splits(
     descriptors: Splits = {}
     skipped: dict[str, int] = {}
     paths: dict[str, list[Path]] = {}
-    splits = ["queries", "references"] + (["training"] if layout.has_split("training") else [])
     started = time.perf_counter()
-    for split in splits:
-        dataset = image_dataset(layout.paths(split), image_size, skip_bad=cfg.dataset.skip_bad_images)
+    for split, files in settings.split_paths(layout).items():
+        dataset = image_dataset(files, image_size, skip_bad=cfg.dataset.skip_bad_images)
         skipped[split] = len(dataset.skipped)
         ids[split], paths[split] = np.asarray(dataset.ids), list(dataset.paths)
         descriptors[split] = extract_descriptors(

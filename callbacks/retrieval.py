@@ -79,8 +79,7 @@ class RetrievalEvaluation(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Check the settings against the benchmark before any training or extraction.
-        n_training = len(self.layout.paths("training")) if self.layout.has_split("training") else 0
-        self.settings = self.settings.for_training_set(n_training)
+        self.settings = self.settings.for_training_set(len(self._paths.get("training", ())))
         resumed = bool(self.baseline) or bool(self.history) or trainer.ckpt_path is not None
         if not self.evaluate_before_training or trainer.sanity_checking or resumed:
             return
@@ -109,6 +108,11 @@ class RetrievalEvaluation(L.Callback):
     # -- evaluation ----------------------------------------------------------------------------------
 
     @property
+    def _paths(self) -> dict[str, list[Path]]:
+        """The images evaluated per split (``evaluation.max_training`` caps training)."""
+        return self.settings.split_paths(self.layout)
+
+    @property
     def layout(self) -> Disc21Layout:
         if self._layout is None:
             self._layout = Disc21Layout(Path(self.root).expanduser())
@@ -132,7 +136,7 @@ class RetrievalEvaluation(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> tuple[np.ndarray, np.ndarray]:
         """This rank's contiguous shard of all benchmark images: (global indices, descriptors)."""
-        paths = [p for split in SPLITS if self.layout.has_split(split) for p in self.layout.paths(split)]
+        paths = [p for split in SPLITS for p in self._paths.get(split, ())]
         world, rank = trainer.world_size, trainer.global_rank
         bounds = np.linspace(0, len(paths), world + 1).astype(int)
         indices = np.arange(bounds[rank], bounds[rank + 1])
@@ -181,10 +185,10 @@ class RetrievalEvaluation(L.Callback):
     def _score(self, descriptors: np.ndarray, trainer: L.Trainer, log_dir: str | None) -> dict[str, float]:
         ids, parts, start = {}, {}, 0
         for split in SPLITS:
-            if self.layout.has_split(split):
-                n = len(self.layout.paths(split))
-                ids[split], parts[split] = np.asarray(self.layout.ids(split)), descriptors[start : start + n]
-                start += n
+            if split in self._paths:
+                n = len(self._paths[split])
+                ids[split] = np.asarray([p.stem for p in self._paths[split]])
+                parts[split], start = descriptors[start : start + n], start + n
         result = match_descriptors(
             ids["queries"],
             parts["queries"],

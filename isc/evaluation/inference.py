@@ -48,7 +48,7 @@ from isc.evaluation.metrics import Metrics, evaluate
 from isc.evaluation.pipeline import Ensemble, EvaluationSettings
 from isc.evaluation.postprocess import PCAWhitening, l2_normalize, query_bias
 from isc.evaluation.search import knn
-from isc.evaluation.views import QueryExpansion, View, apply_view, query_views, reference_views
+from isc.evaluation.views import View, apply_view, query_views, reference_views
 
 __all__ = ["ConcatModel", "StageOutcome", "TestStageResult", "run_test_stage"]
 
@@ -284,7 +284,7 @@ def run_test_stage(
         names = [f"{scales[0]} px", "mean of " + "/".join(map(str, scales)) + " px"]
     else:
         names = [f"{x} px" for x in scales]
-    expansion = QueryExpansion.from_dict(s.local_verification.query) if s.local_verification.enabled else None
+    expansion = s.local_verification.query if s.local_verification.enabled else None
     views_of: ViewsOf | Sequence[list[View]] = (
         (lambda image: query_views(image, expansion)) if expansion is not None else _original
     )

@@ -16,14 +16,17 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from isc.data.images import Disc21Layout
 from isc.evaluation.matches import GroundTruth, Predictions
 from isc.evaluation.metrics import Metrics, evaluate
 from isc.evaluation.postprocess import PCAWhitening, l2_normalize, normalize_scores, query_bias
 from isc.evaluation.search import Backend, knn, predictions_from_knn
+from isc.evaluation.views import QueryExpansion
 
 __all__ = [
     "Ensemble",
@@ -70,11 +73,15 @@ class LocalVerification:
     """
 
     enabled: bool = False
-    query: Mapping[str, Any] = field(default_factory=dict)
+    query: QueryExpansion = field(default_factory=QueryExpansion)
     reference_crops: bool = False
     penalty: float = 0.05
     penalty_free: tuple[str, ...] = ("original", "overlay")
     top: int = 2
+
+    def __post_init__(self) -> None:
+        if isinstance(self.query, Mapping):  # from the config: unknown keys fail here, before extraction
+            object.__setattr__(self, "query", QueryExpansion.from_dict(self.query))
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ class EvaluationSettings:
     local_verification: LocalVerification = field(default_factory=LocalVerification)
     ensemble: Ensemble = field(default_factory=Ensemble)
     reference_block: int = 100_000
+    max_training: int | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EvaluationSettings:
@@ -172,10 +180,6 @@ class EvaluationSettings:
         lv, e = self.local_verification, self.ensemble
         if lv.top < 1:
             raise ValueError(f"evaluation.local_verification.top must be >= 1, got {lv.top}")
-        if lv.enabled:
-            from isc.evaluation.views import QueryExpansion
-
-            QueryExpansion.from_dict(lv.query)  # unknown keys fail here, before any extraction
         if e.rule not in ("vote", "concat"):
             raise ValueError(f"evaluation.ensemble.rule must be vote or concat, got {e.rule!r}")
         if e.vote_on not in ("view", "image") or e.combine not in ("pool", "mean"):
@@ -188,6 +192,8 @@ class EvaluationSettings:
                 f"evaluation.ensemble.min_votes={e.min_votes} must be between 1 and the "
                 f"{len(e.models)} models of evaluation.ensemble.models"
             )
+        if self.max_training is not None and self.max_training < 1:
+            raise ValueError(f"evaluation.max_training must be >= 1 or null, got {self.max_training}")
         if self.reference_block < 1:
             raise ValueError(f"evaluation.reference_block must be >= 1, got {self.reference_block}")
 
@@ -243,6 +249,14 @@ class EvaluationSettings:
                 "training images: lower it"
             )
         return s
+
+    def split_paths(self, layout: Disc21Layout) -> dict[str, list[Path]]:
+        """The images each split evaluates on: all queries and references, the first ``max_training``
+        training images by id (D2LV fits its PCA on 20k of the 1M), or none without ``training/``."""
+        paths = {split: layout.paths(split) for split in ("queries", "references")}
+        if layout.has_split("training"):
+            paths["training"] = layout.paths("training")[: self.max_training]
+        return paths
 
     def describe(self) -> str:
         """The post-processing in words, for the printed headline."""

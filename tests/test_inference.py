@@ -1,0 +1,382 @@
+"""D2LV's test stage end to end on a tiny photo benchmark: the joins between views, search and scoring."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import skimage.data
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import run
+from isc.evaluation.extract import extract_descriptors, image_dataset
+from isc.evaluation.inference import ConcatModel, run_test_stage
+from isc.evaluation.io import read_predictions, write_ground_truth
+from isc.evaluation.matches import GroundTruth
+from isc.evaluation.pipeline import EvaluationSettings, match_descriptors
+from isc.models.descriptor import DescriptorModel, save_descriptor_model
+from isc.models.pooling import GeM
+from isc.models.trunks import efficientnet_lite0
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = [
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "colorwheel",
+    "hubble_deep_field",
+]
+OTHERS = ["camera", "coins", "moon", "horse", "clock", "brick", "grass", "gravel", "page"]
+
+
+def _photo(name: str, side: int = 192) -> Image.Image:
+    image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    image.thumbnail((side, side))
+    return image
+
+
+@pytest.fixture(scope="module")
+def photo_benchmark(tmp_path_factory) -> Path:
+    """7 references; queries: a small crop, a paste into another photo, a rotation, an exact copy, 3 unmatched."""
+    root = tmp_path_factory.mktemp("photos")
+    for split in ("references", "queries", "training"):
+        (root / split).mkdir()
+    refs = [_photo(n) for n in PHOTOS]
+    for i, image in enumerate(refs):
+        image.save(root / "references" / f"R{i:06d}.jpg", quality=95)
+    for i, name in enumerate(OTHERS[3:]):
+        _photo(name).save(root / "training" / f"T{i:06d}.jpg", quality=95)
+    w, h = refs[0].size
+    crop = refs[0].crop((w // 4, h // 4, 3 * w // 4, 3 * h // 4)).resize((192, 192))
+    background = _photo(OTHERS[0], 288).resize((288, 288))
+    background.paste(refs[1].resize((refs[1].width // 2, refs[1].height // 2)), (150, 160))
+    queries = [crop, background, refs[2].transpose(Image.Transpose.ROTATE_90), refs[3]]
+    queries += [_photo(n) for n in OTHERS[:3]]
+    q_ids = [f"Q{i:05d}" for i in range(len(queries))]
+    for qid, image in zip(q_ids, queries, strict=True):
+        image.save(root / "queries" / f"{qid}.jpg", quality=95)
+    write_ground_truth(
+        root / "ground_truth.csv",
+        GroundTruth(q_ids, ["R000000", "R000001", "R000002", "R000003", "", "", ""]),
+    )
+    return root
+
+
+def _splits(root: Path) -> tuple[dict, dict]:
+    paths = {s: sorted((root / s).glob("*.jpg")) for s in ("queries", "references", "training")}
+    ids = {s: [p.stem for p in v] for s, v in paths.items()}
+    return paths, ids
+
+
+def _model() -> DescriptorModel:
+    return DescriptorModel(efficientnet_lite0(pretrained=True), GeM(p=3.0))
+
+
+SETTINGS = dict(
+    num_workers=0,
+    batch_size=16,
+    k=5,
+    score_normalization={"enabled": True, "beta": 1.0, "k": 2},
+    scales=[128, 160],
+    local_verification={
+        "enabled": True,
+        "reference_crops": True,
+        "query": {"min_size": 40, "max_proposals": 4},
+    },
+)
+
+
+def _settings(**changes) -> EvaluationSettings:
+    values = {**SETTINGS, **changes}
+    return EvaluationSettings.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def full_run(photo_benchmark):
+    paths, ids = _splits(photo_benchmark)
+    gt = GroundTruth(
+        *zip(
+            *[line.split(",") for line in (photo_benchmark / "ground_truth.csv").read_text().split()[1:]],
+            strict=True,
+        )
+    )
+    return run_test_stage([_model()], paths, ids, _settings(), gt), paths, ids, gt
+
+
+def test_global_stage_equals_the_single_descriptor_path(full_run):
+    result, paths, ids, gt = full_run
+    model = _model()
+    plain = _settings(scales=None, local_verification={"enabled": False}, image_size=128)
+    descriptors = {
+        s: extract_descriptors(
+            model, image_dataset(paths[s], 128), batch_size=16, num_workers=0, progress=False
+        )
+        for s in paths
+    }
+    expected = match_descriptors(
+        np.asarray(ids["queries"]),
+        descriptors["queries"],
+        np.asarray(ids["references"]),
+        descriptors["references"],
+        descriptors["training"],
+        gt,
+        plain,
+    )
+    stage = result.stages[0]
+    assert stage.name == "global"
+    assert stage.metrics.uAP == pytest.approx(expected.metrics.uAP, abs=1e-6)
+    got = {
+        (q, r): s
+        for q, r, s in zip(
+            stage.predictions.query_ids,
+            stage.predictions.reference_ids,
+            stage.predictions.scores,
+            strict=True,
+        )
+    }
+    want = {
+        (q, r): s
+        for q, r, s in zip(
+            expected.predictions.query_ids,
+            expected.predictions.reference_ids,
+            expected.predictions.scores,
+            strict=True,
+        )
+    }
+    assert got.keys() == want.keys()
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), atol=1e-5)
+
+
+def test_stages_are_cumulative_and_outputs_meet_the_official_rules(full_run):
+    result, paths, ids, gt = full_run
+    assert [s.name for s in result.stages] == [
+        "global",
+        "+ multi-scale",
+        "+ local verification",
+        "+ reference crops",
+    ]
+    final = result.final.predictions
+    final.check_no_duplicates()
+    assert len(final) <= 500_000
+    # every query view lies inside its image, the original first, and the crops really are crops
+    kinds = [v.kind for v in result.query_views]
+    assert {"original", "rotation", "crop"} <= set(kinds)
+    for v in result.query_views:
+        assert v.box[0] >= 0 and v.box[1] >= 0
+    # the local stage holds every pair the global stage found with a score at least as high minus the penalty
+    g = result.stages[0].predictions
+    local = {(q, r): s for q, r, s in zip(final.query_ids, final.reference_ids, final.scores, strict=True)}
+    for q, r in zip(g.query_ids, g.reference_ids, strict=True):
+        assert (q, r) in local
+    # reference crops score only the original query (D2LV's OQ + AR)
+    c = result.candidates
+    crop_rows = c.reference_view > 0
+    assert crop_rows.any()
+    assert {result.query_views[i].kind for i in c.query_view[crop_rows]} == {"original"}
+    assert set(c.scale[crop_rows].tolist()) == {0}
+
+
+def test_blocked_reference_search_gives_the_same_candidates(full_run, photo_benchmark):
+    result, paths, ids, gt = full_run
+    blocked = run_test_stage([_model()], paths, ids, _settings(reference_block=2), gt)
+    for a, b in zip(result.stages, blocked.stages, strict=True):
+        assert a.metrics.uAP == pytest.approx(b.metrics.uAP, abs=1e-6)
+        np.testing.assert_allclose(np.sort(a.predictions.scores), np.sort(b.predictions.scores), atol=1e-5)
+
+
+def test_two_identical_models_vote_like_one_and_a_stranger_vetoes(full_run):
+    result, paths, ids, gt = full_run
+    two = run_test_stage(
+        [_model(), _model()], paths, ids, _settings(ensemble={"models": ["a", "b"], "min_votes": 2}), gt
+    )
+    assert two.stages[-1].name == "+ ensemble"
+    # identical models return identical rows: pooling them changes no pair score
+    same = two.stages[-1].predictions
+    before = result.final.predictions
+    assert sorted(zip(same.query_ids, same.reference_ids, strict=True)) == sorted(
+        zip(before.query_ids, before.reference_ids, strict=True)
+    )
+    np.testing.assert_allclose(np.sort(same.scores), np.sort(before.scores), atol=1e-5)
+    # a second model that sees different things keeps only the pairs both return
+    stranger = DescriptorModel(efficientnet_lite0(pretrained=False), GeM(p=3.0))
+    mixed = run_test_stage(
+        [_model(), stranger], paths, ids, _settings(ensemble={"models": ["a", "b"], "min_votes": 2}), gt
+    )
+    voted = set(
+        zip(mixed.stages[-1].predictions.query_ids, mixed.stages[-1].predictions.reference_ids, strict=True)
+    )
+    alone = set(
+        zip(mixed.stages[-2].predictions.query_ids, mixed.stages[-2].predictions.reference_ids, strict=True)
+    )
+    assert voted < alone
+
+
+def test_the_cap_keeps_the_best_pairs(full_run):
+    result, paths, ids, gt = full_run
+    capped = run_test_stage([_model()], paths, ids, _settings(max_predictions=7), gt)
+    top = np.sort(result.final.predictions.scores)[::-1][:7]
+    np.testing.assert_allclose(np.sort(capped.final.predictions.scores)[::-1], top, atol=1e-5)
+
+
+def _compose(overrides: list[str], out: Path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={out}", *overrides])
+
+
+TEST_STAGE = [
+    "evaluation.num_workers=0",
+    "evaluation.k=5",
+    "evaluation.score_normalization.k=2",
+    "evaluation.scales=[128,160]",
+    "evaluation.local_verification.enabled=true",
+    "evaluation.local_verification.query.min_size=40",
+    "evaluation.local_verification.query.max_proposals=4",
+]
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.ids.add(a.get("data-image-id", ""))
+
+
+def test_task_evaluate_writes_stages_report_and_files(photo_benchmark, tmp_path):
+    out = tmp_path / "eval"
+    cfg = _compose(
+        [
+            f"dataset.root={photo_benchmark}",
+            "evaluation.whitening.enabled=true",
+            "evaluation.whitening.dim=4",
+            *TEST_STAGE,
+        ],
+        out,
+    )
+    out.mkdir()
+    metrics = run.evaluate(cfg)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert list(on_disk["stages"]) == ["global", "+ multi-scale", "+ local verification"]
+    assert on_disk["uAP"] == pytest.approx(on_disk["stages"]["+ local verification"]["uAP"])
+    assert metrics["uAP"] == on_disk["uAP"]
+    predictions = read_predictions(out / "predictions.csv")
+    predictions.check_no_duplicates()
+    with h5py.File(out / "descriptors.h5") as f:
+        names = [n.decode() for n in f["query_ids"][:]]
+        assert names == sorted(names)
+        assert f["query"].shape == (7, 4)  # whitened to 4 dims, one descriptor per query
+    parser = _Images()
+    parser.feed((out / "report.html").read_text())
+    shown_queries = {i for i in parser.ids if i.startswith("Q")}
+    assert shown_queries and shown_queries <= set(predictions.query_ids) | {
+        "Q00000",
+        "Q00001",
+        "Q00002",
+        "Q00003",
+    }
+
+
+def test_task_predict_needs_no_ground_truth(photo_benchmark, tmp_path):
+    root = tmp_path / "no_gt"
+    for split in ("queries", "references"):
+        (root / split).mkdir(parents=True)
+        for p in (photo_benchmark / split).iterdir():
+            (root / split / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "predict"
+    out.mkdir()
+    cfg = _compose(
+        ["task=predict", f"dataset.root={root}", *TEST_STAGE, "evaluation.score_normalization.enabled=false"],
+        out,
+    )
+    metrics = run.run_task(cfg)
+    assert metrics is None  # nothing to score
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".csv", ".h5")) == [
+        "descriptors.h5",
+        "predictions.csv",
+    ]
+    assert not (out / "report.html").exists()
+    assert len(read_predictions(out / "predictions.csv")) > 0
+
+
+def test_ensemble_files_load_before_any_image(photo_benchmark, tmp_path):
+    model_file = save_descriptor_model(_model(), tmp_path / "m.pt")
+    out = tmp_path / "ens"
+    out.mkdir()
+    cfg = _compose(
+        [
+            f"dataset.root={photo_benchmark}",
+            *TEST_STAGE,
+            f"evaluation.ensemble.models=[{model_file},{tmp_path / 'missing.pt'}]",
+        ],
+        out,
+    )
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        run.evaluate(cfg)
+    assert not (out / "predictions.csv").exists()
+
+
+def test_concat_ensemble_whitens_to_concat_dim(photo_benchmark, tmp_path):
+    model_file = save_descriptor_model(_model(), tmp_path / "m.pt")
+    out = tmp_path / "concat"
+    out.mkdir()
+    cfg = _compose(
+        [
+            f"dataset.root={photo_benchmark}",
+            *TEST_STAGE,
+            "evaluation.local_verification.enabled=false",
+            f"evaluation.ensemble.models=[{model_file},{model_file}]",
+            "evaluation.ensemble.rule=concat",
+            "evaluation.ensemble.min_votes=1",
+            "evaluation.ensemble.concat_dim=5",
+        ],
+        out,
+    )
+    run.evaluate(cfg)
+    with h5py.File(out / "descriptors.h5") as f:
+        assert f["query"].shape[1] == 5
+
+
+def test_concat_model_is_the_normalised_concatenation():
+    import torch
+
+    a, b = _model().eval(), _model().eval()
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        out = ConcatModel([a, b])(x)
+        expected = torch.nn.functional.normalize(torch.cat([a(x), b(x)], dim=1), dim=1)
+    torch.testing.assert_close(out, expected)
+    assert ConcatModel([a, b]).dim == a.dim + b.dim
+
+
+def test_d2lv_inference_recipe_has_the_seeds_values_and_asks_for_its_models(tmp_path):
+    cfg = _compose(["experiment=d2lv_inference", "evaluation.ensemble.models=[a.pt,b.pt,c.pt]"], tmp_path)
+    s = run.evaluation_settings(cfg)
+    assert s.scales == (256, 320, 200) and s.multiscale == "max"
+    assert (s.whitening.enabled, s.whitening.dim, s.score_normalization.beta, s.score_normalization.k) == (
+        True,
+        256,
+        2.0,
+        10,
+    )
+    lv, e = s.local_verification, s.ensemble
+    assert (lv.enabled, lv.reference_crops, lv.penalty, lv.top, lv.query.min_size) == (
+        True,
+        True,
+        0.05,
+        2,
+        200,
+    )
+    assert (e.models, e.rule, e.min_votes) == (("a.pt", "b.pt", "c.pt"), "vote", 2)
+    assert s.max_training == 20000
+    with pytest.raises(ValueError, match="evaluation.ensemble.models="):
+        run.run_task(_compose(["experiment=d2lv_inference"], tmp_path / "missing"))
