@@ -126,12 +126,18 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
     if ground_truth is not None and paths:
         stage = Stage("global", {k: metrics[k] for k in METRIC_NAMES})  # type: ignore[misc]
         _write_report(cfg, result.predictions, ground_truth, [stage], paths, ids, metrics)
-    return _finish(cfg, metrics, result.metrics is not None)
+    return _finish(cfg, metrics, result.predictions, ground_truth if result.metrics is not None else None)
 
 
-def _finish(cfg: DictConfig, metrics: dict[str, object], scored: bool) -> dict[str, object]:
+def _finish(
+    cfg: DictConfig, metrics: dict[str, object], predictions: Predictions, ground_truth: GroundTruth | None
+) -> dict[str, object]:
+    """Write ``metrics.json``, log to wandb when configured, print the headline and where outputs are."""
     out_dir = Path(cfg.paths.output_dir)
     write_json(out_dir / "metrics.json", metrics)
+    scored = ground_truth is not None and "uAP" in metrics
+    if scored and "report" in metrics:
+        _log_report_to_wandb(cfg, predictions, ground_truth, metrics, Path(str(metrics["report"])))  # type: ignore[arg-type]
     if not scored:
         print(
             f"predictions written to {out_dir / 'predictions.csv'}, descriptors to {out_dir / 'descriptors.h5'}"
@@ -260,7 +266,7 @@ def _evaluate_test_stage(
             for key, (qv, rv, label) in result.evidence().items()
         }
         _write_report(cfg, final.predictions, ground_truth, stages, paths, ids, metrics, evidence)
-    return _finish(cfg, metrics, final.metrics is not None)
+    return _finish(cfg, metrics, final.predictions, ground_truth)
 
 
 def _write_report(
@@ -285,7 +291,6 @@ def _write_report(
         subtitle=f"{dataset_root(cfg)} · model {_model_name(cfg)} · {metrics['postprocessing']}",
     )
     metrics["report"] = str(path)
-    _log_report_to_wandb(cfg, predictions, ground_truth, metrics, path)
 
 
 def _model_name(cfg: DictConfig) -> str:
@@ -322,10 +327,10 @@ def _log_report_to_wandb(
                 **{f"test/{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
                 "test/pr_curve": wandb.plot.line(pr, "recall", "precision", title="precision-recall"),
                 "test/true_pair_scores": wandb.Histogram(
-                    np_histogram=(figures["true_counts"], figures["bins"])
+                    np_histogram=(figures["true_counts"], figures["bin_edges"])
                 ),
                 "test/false_pair_scores": wandb.Histogram(
-                    np_histogram=(figures["false_counts"], figures["bins"])
+                    np_histogram=(figures["false_counts"], figures["bin_edges"])
                 ),
                 "test/report": wandb.Html(path.read_text()),
             }
@@ -472,9 +477,11 @@ def _print_training_summary(cfg: DictConfig, callbacks: list[object]) -> None:
         if isinstance(cb, RetrievalEvaluation) and cb.history:
             before, history = cb.baseline, cb.history
             best = max(range(len(history)), key=lambda i: history[i]["val/uAP"])
+            every = cb.every_n_epochs  # history[i] was measured after epoch (i + 1) * every - 1
             print(
-                f"uAP before training {_fmt(before.get('val/uAP'))} -> after {len(history)} epoch(s) "
-                f"{_fmt(history[-1]['val/uAP'])} (best {_fmt(history[best]['val/uAP'])} at epoch {best}) "
+                f"uAP before training {_fmt(before.get('val/uAP'))} -> after {len(history) * every} epoch(s) "
+                f"{_fmt(history[-1]['val/uAP'])} (best {_fmt(history[best]['val/uAP'])} at epoch "
+                f"{(best + 1) * every - 1}) "
                 f"with {cb.settings.describe()}; raw {_fmt(before.get('val/uAP_raw'))} -> "
                 f"{_fmt(history[-1]['val/uAP_raw'])}"
             )

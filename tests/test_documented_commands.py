@@ -188,8 +188,14 @@ def shrink(args: list[str], out: Path) -> list[str]:
         extra += tiny_finetune()
         if "experiment=finetune_d2lv" in text:
             extra += ["evaluation.whitening.dim=4", "model.head.hidden_dims=[16]", "model.head.out_dim=8"]
-    if "evaluation.whitening.enabled=true" in text:
+    if "evaluation.whitening.enabled=true" in text or "d2lv_inference" in text:
         extra.append("evaluation.whitening.dim=4")  # the tiny benchmark has 6 training images
+    if "evaluation.scales" in text or "d2lv_inference" in text or "local_verification" in text:
+        extra += [  # the test stage on 48-px images: two small scales, few views
+            "evaluation.scales=[64,72]",
+            "evaluation.local_verification.query.min_size=8",
+            "evaluation.local_verification.query.max_proposals=2",
+        ]
     if "hparams_search=optuna" in text:
         extra += ["hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2"]
     if "-m" in args:

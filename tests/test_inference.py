@@ -380,3 +380,18 @@ def test_d2lv_inference_recipe_has_the_seeds_values_and_asks_for_its_models(tmp_
     assert s.max_training == 20000
     with pytest.raises(ValueError, match="evaluation.ensemble.models="):
         run.run_task(_compose(["experiment=d2lv_inference"], tmp_path / "missing"))
+
+
+def test_the_report_and_its_figures_reach_wandb(photo_benchmark, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wandb_run"
+    out.mkdir()
+    cfg = _compose(
+        [f"dataset.root={photo_benchmark}", "logger=wandb", "evaluation.image_size=128", *TEST_STAGE[:3]], out
+    )
+    metrics = run.evaluate(cfg)
+    assert (out / "metrics.json").exists() and Path(metrics["report"]).exists()
+    media = list((out / "wandb").glob("offline-run-*/files/media/**/*"))
+    names = " ".join(p.name for p in media)
+    assert "report" in names and "pr_curve" in names
