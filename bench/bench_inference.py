@@ -16,11 +16,12 @@ freshly spawned process so that its peak RSS is its own:
   post-processing and score normalisation are left out.
 
 It prints one table (search and aggregation seconds, milliseconds per query, peak RSS over the process
-after its imports and a warm-up search, numpy's traced peak of the aggregation) with the local/global ratios of the same run,
-then the memory arithmetic of the local stage, checked against the measured peak at this run's size and
-evaluated at ``--full-queries`` x ``--full-references`` (DISC21: 50k x 1M), with the measured time
-extrapolated there (search linearly in queries x references, aggregation in candidate rows).
-Descriptor generation stands in for the model and is not counted. Defaults take about a minute on 2 cores.
+after its imports and a warm-up search, numpy's traced peak of the aggregation) with the local/global
+ratios of the same run, then the memory arithmetic of the local stage, checked against the measured
+peak at this run's size and evaluated at ``--full-queries`` x ``--full-references`` (DISC21: 50k x
+1M), with the measured time extrapolated there (search linearly in queries x references, aggregation
+in candidate rows). Descriptor generation stands in for the model and is not counted. Defaults take
+about a minute on 2 cores.
 
     .venv/bin/python bench/bench_inference.py
     .venv/bin/python bench/bench_inference.py --queries 50 --views 4 --references 500 --block 200 \
@@ -127,7 +128,7 @@ class StageResult:
     generate_s: float  # synthetic descriptors (stands in for the model; not counted)
     rows: int
     pairs: int
-    base_rss_mb: float  # peak RSS of the process after its imports and a warm-up search
+    base_rss_mb: float  # RSS of the process after its imports and a warm-up search
     peak_rss_mb: float  # peak RSS of the stage over base_rss_mb
     aggregate_traced_mb: float  # numpy's traced peak during aggregation over what it held before
 
@@ -196,12 +197,22 @@ def _aggregate(candidates: Candidates, kinds: np.ndarray | None, top: int) -> tu
     return len(pairs), seconds, (tracemalloc.get_traced_memory()[1] - held) / MB
 
 
+def _current_rss_mb() -> float:
+    """Resident set size of this process now (Linux ``/proc``; the peak so far elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / MB
+    except OSError:
+        return _rss_mb()
+
+
 def _warm_up(args: Ns) -> float:
-    """One small search, so that the search library's one-off state (thread pool, BLAS and faiss tile
-    buffers) is not counted in the stage; then start tracing numpy. Returns the peak RSS so far."""
-    knn(_unit((1,), 4096, 64), _unit((2,), 4096, 64), 10, backend=args.backend, device=args.device)
+    """One search of the size of a tile, so that the search library's lasting state (thread pool, BLAS
+    buffers) is not counted in the stage; then start tracing numpy. Returns the resident size now: the
+    stage's peak RSS is counted over it."""
+    knn(_unit((1,), 4096, 256), _unit((2,), 2048, 256), 10, backend=args.backend, device=args.device)
     tracemalloc.start()
-    return _rss_mb()
+    return _current_rss_mb()
 
 
 def run_global(args: Ns) -> StageResult:
@@ -352,48 +363,76 @@ def _in_fresh_process(stage: str, args: Ns) -> StageResult:
 # memory arithmetic
 
 
-def memory_terms(sz: Sizes, aggregate_bytes_per_row: float) -> list[tuple[str, str, str, float]]:
-    """(phase, what, grows with, bytes) of the local stage's main allocations at size ``sz``.
+def _tile(query_rows: int, database_rows: int) -> int:
+    """Bytes of faiss's BLAS similarity tile (``distance_compute_blas_{query,database}_bs``: 4096 x 1024)."""
+    return min(query_rows, 4096) * min(database_rows, 1024) * 4
+
+
+Term = tuple[str, str, str, float]  # phase, what, grows with, bytes
+
+
+def memory_terms(sz: Sizes, aggregate_bytes_per_row: float) -> list[Term]:
+    """The local stage's main allocations at size ``sz``.
 
     Search phase: what one model's pass holds while it searches the last reference block (its crops, or
     its whole images when there are no crops); aggregation phase: the candidate rows of every model and
     the aggregation's working set (measured per row in this run).
     """
-    d4, b = sz.dim * 4, min(sz.block, sz.references)
+    d4, b, k = sz.dim * 4, min(sz.block, sz.references), sz.k
     view_rows = sz.queries * sz.views * sz.scales
     rows = sz.view_rows + sz.crop_rows
-    previous = rows * (sz.models - 1) // sz.models * CANDIDATE_ROW_BYTES
     kept = sz.references * d4  # the first scale's whole references: run_test_stage returns them
-    terms = [
-        ("search", "candidate rows of the models before the last", "queries", previous),
-        ("search", "query-view descriptors q*v*s*d*4", "queries", view_rows * d4),
-        ("search", "running top-k (q*v*s + q)*k*(4+8)", "queries", (view_rows + sz.queries) * sz.k * TOPK_BYTES),
-    ]  # fmt: skip
+    terms: list[Term] = []
+
+    def search(what: str, grows: str, nbytes: float) -> None:
+        terms.append(("search", what, grows, nbytes))
+
+    def aggregate(what: str, grows: str, nbytes: float) -> None:
+        terms.append(("aggregate", what, grows, nbytes))
+
+    search(
+        "candidate rows of the models before the last",
+        "queries",
+        rows * (sz.models - 1) // sz.models * CANDIDATE_ROW_BYTES,
+    )
+    search("query-view descriptors q*v*s*d*4", "queries", view_rows * d4)
+    search("running top-k (q*v*s + q)*k*(4+8)", "queries", (view_rows + sz.queries) * k * TOPK_BYTES)
     if sz.crops > 1:  # the peak: the crop search of a block
-        terms += [
-            ("search", "knn + merge_topk temporaries ~5x the crop search's top-k", "queries", 5 * sz.queries * sz.k * TOPK_BYTES),
-            ("search", "crop-search matrix block*crops*d*4 (whole + crops)", "block", b * sz.crops * d4),
-            ("search", "  + faiss's copy of it (IndexFlatIP.add)", "block", b * sz.crops * d4),
-            ("search", "  + the crops before concatenation block*(crops-1)*d*4", "block", b * (sz.crops - 1) * d4),
-        ]  # fmt: skip
+        search("knn + merge_topk temporaries ~5x the crop search's top-k", "queries", 5 * sz.queries * k * 12)
+        search(
+            "  + faiss's similarity tile min(q,4096)*min(rows,1024)*4",
+            "queries",
+            _tile(sz.queries, b * sz.crops),
+        )
+        search("crop-search matrix block*crops*d*4 (whole + crops)", "block", b * sz.crops * d4)
+        search("  + faiss's copy of it (IndexFlatIP.add)", "block", b * sz.crops * d4)
+        search("  + the crops before concatenation block*(crops-1)*d*4", "block", b * (sz.crops - 1) * d4)
     else:  # the peak: a view search of a block
-        terms += [
-            ("search", "knn + merge_topk temporaries ~5x a view search's top-k", "queries", 5 * sz.queries * sz.views * sz.k * TOPK_BYTES),
-            ("search", "whole-reference block block*d*4 (scales > 1) + faiss's copy", "block", b * d4 * (1 + (sz.scales > 1))),
-        ]  # fmt: skip
-    return terms + [
-        ("search", "reference-view table r*crops*2*8 (image, crop index)", "references", sz.references * sz.crops * 16),
-        ("search", "whole-reference descriptors kept so far, r*d*4", "references", kept),
-        ("aggregate", f"candidate rows ({rows:,}) x {CANDIDATE_ROW_BYTES} B", "queries", rows * CANDIDATE_ROW_BYTES),
-        ("aggregate", f"aggregation working set {aggregate_bytes_per_row:.0f} B/row (measured)", "queries", rows * aggregate_bytes_per_row),
-        ("aggregate", "whole-reference descriptors kept, r*d*4", "references", kept),
-    ]  # fmt: skip
+        search("knn + merge_topk temporaries ~5x a view search's top-k", "queries", 5 * view_rows * k * 12)
+        search("  + faiss's similarity tile min(q*v,4096)*min(block,1024)*4", "queries", _tile(view_rows, b))
+        search(
+            "whole-reference block (scales > 1) + faiss's copy, block*d*4",
+            "block",
+            b * d4 * (1 + (sz.scales > 1)),
+        )
+    search(
+        "reference-view table r*crops*2*8 (image, crop index)", "references", sz.references * sz.crops * 16
+    )
+    search("whole-reference descriptors kept so far, r*d*4", "references", kept)
+    aggregate(f"candidate rows ({rows:,}) x {CANDIDATE_ROW_BYTES} B", "queries", rows * CANDIDATE_ROW_BYTES)
+    aggregate(
+        f"aggregation working set {aggregate_bytes_per_row:.0f} B/row (measured)",
+        "queries",
+        rows * aggregate_bytes_per_row,
+    )
+    aggregate("whole-reference descriptors kept, r*d*4", "references", kept)
+    return terms
 
 
 GROWTH = ("queries", "block", "references")
 
 
-def _by(terms: list[tuple[str, str, str, float]], phase: str) -> dict[str, float]:
+def _by(terms: list[Term], phase: str) -> dict[str, float]:
     """Bytes of ``phase`` per what they grow with."""
     return {g: sum(t[3] for t in terms if t[0] == phase and t[2] == g) for g in GROWTH}
 
@@ -404,7 +443,8 @@ def print_arithmetic(
     """Print the terms and each phase's total; return the peak phase and its bytes."""
     terms = memory_terms(sz, per_row)
     print(
-        f"\n{label}: {sz.queries:,} queries x {sz.views} views x {sz.scales} scale(s) x {sz.models} model(s), "
+        f"\n{label}: {sz.queries:,} queries x {sz.views} views x {sz.scales} scale(s) x "
+        f"{sz.models} model(s), "
         f"{sz.references:,} references x {sz.crops} views, d={sz.dim}, k={sz.k}, "
         f"block={min(sz.block, sz.references):,} ({sz.n_blocks} blocks)"
     )
@@ -418,8 +458,10 @@ def print_arithmetic(
         print(f"  {phase:9s} {'phase total':58s} {totals[phase] / MB:12,.1f} MB  ({parts})")
     phase = max(totals, key=totals.__getitem__)
     if measured_mb is not None:
-        print(f"  predicted peak ({phase} phase) {totals[phase] / MB:,.1f} MB, measured peak RSS "
-              f"{measured_mb:,.1f} MB: measured/predicted {measured_mb / (totals[phase] / MB):.2f}")  # fmt: skip
+        print(
+            f"  predicted peak ({phase} phase) {totals[phase] / MB:,.1f} MB, measured peak RSS "
+            f"{measured_mb:,.1f} MB: measured/predicted {measured_mb / (totals[phase] / MB):.2f}"
+        )
     return phase, totals[phase]
 
 
@@ -483,10 +525,12 @@ def main(argv: list[str] | None = None) -> None:
     g, loc = results["global"], results["local"]
     print(
         f"local/global ratio: time {loc.total_s / g.total_s:.1f}x (search {loc.search_s / g.search_s:.1f}x, "
-        f"aggregation {loc.aggregate_s / g.aggregate_s:.1f}x), peak RSS {loc.peak_rss_mb / g.peak_rss_mb:.1f}x"
+        f"aggregation {loc.aggregate_s / g.aggregate_s:.1f}x), "
+        f"peak RSS {loc.peak_rss_mb / g.peak_rss_mb:.1f}x"
     )
     print(
-        f"(peak RSS is over each process after its imports and a warm-up search: {g.base_rss_mb:.0f} / {loc.base_rss_mb:.0f} MB; "
+        "(peak RSS is over the RSS of each process after its imports and a warm-up search: "
+        f"{g.base_rss_mb:.0f} / {loc.base_rss_mb:.0f} MB; "
         f"descriptor generation, not counted: {g.generate_s:.1f} / {loc.generate_s:.1f} s)"
     )
 
@@ -543,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
         ("global search", g.search_s, g_search_x, "queries x references"),
         ("global aggregation", g.aggregate_s, full.queries / sz.queries, "queries"),
     ):
-        print(f"  {what:18s} {seconds:8.2f} s x {x:12,.0f} = {_duration(seconds * x):>9s}  (x {unit})")
+        print(f"  {what:18s} {seconds:8.2f} s x {x:12,.0f} = {_duration(seconds * x):>9s}  (ratio of {unit})")
     print(
         f"  local total {_duration(t_local)} ({1000 * t_local / full.queries:,.0f} ms/query), global "
         f"{_duration(t_global)} ({1000 * t_global / full.queries:,.1f} ms/query): local/global "

@@ -87,6 +87,11 @@ def world(benchmark: Path, tmp_path_factory) -> Iterator[dict[str, str]]:
     rng = np.random.default_rng(0)
     for i in range(16):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photos / f"P{i:03d}.jpg")
+    (photos / "BACKGROUND_Google").mkdir()  # Caltech-101's clutter folder, pasted into benchmark queries
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+            photos / "BACKGROUND_Google" / f"B{i:03d}.jpg"
+        )
     train_dir = tmp / "train"
     cfg = compose_cfg([*tiny_finetune(), f"dataset.root={benchmark}"], train_dir)
     run.run_task(cfg)
@@ -218,6 +223,20 @@ BENCH_QUICK = {  # the same scripts on toy sizes: these tests check that they ru
         "1",
     ],
     "bench_search.py": ["--queries", "100", "--database", "1000", "--repeats", "1"],
+    "bench_inference.py": [
+        "--queries",
+        "50",
+        "--views",
+        "4",
+        "--references",
+        "500",
+        "--block",
+        "200",
+        "--full-queries",
+        "1000",
+        "--full-references",
+        "10000",
+    ],
     "bench_pretrain.py": ["--size", "32", "--batch", "2", "--steps", "1"],
 }
 

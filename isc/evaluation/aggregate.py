@@ -42,7 +42,7 @@ VoteKey = Literal["view", "image"]
 class Candidates:
     """Scored (query view, reference view) rows; all columns (n,).
 
-    ``query`` / ``reference``: image indices; ``query_view``: index into the run's table of query views
+    ``query`` / ``reference``: image indices (int32, like every index column); ``query_view``: index into the run's table of query views
     (shared by every model and scale, so it also identifies the query); ``reference_view``: crop index of
     the reference (0 = whole image); ``scale`` and ``model``: small integers naming where the row came from.
     """
@@ -61,7 +61,7 @@ class Candidates:
             column = np.asarray(getattr(self, f.name))
             if column.shape != (n,):
                 raise ValueError(f"candidate column {f.name} has shape {column.shape}, expected ({n},)")
-            dtype = np.float32 if f.name == "score" else np.int64
+            dtype = np.float32 if f.name == "score" else np.int32  # 28 bytes a row: tens of millions fit
             object.__setattr__(self, f.name, column.astype(dtype, copy=False))
 
     def __len__(self) -> int:
@@ -142,12 +142,13 @@ def mean_over_models(candidates: Candidates, on: VoteKey = "view") -> tuple[Cand
     return rows.with_scores(mean[group[representative]].astype(np.float32)), representative
 
 
-def view_penalty(
-    query_kind: np.ndarray, reference_view: np.ndarray, penalty: float, penalty_free: Sequence[str]
-) -> np.ndarray:
-    """(n,) float32: ``penalty`` for rows of a query view whose kind is not ``penalty_free`` or of a
-    reference crop, else 0 (seed ``Test/final/combine.py``: 0.05 off all but ``_0`` and overlay detections)."""
-    penalised = ~np.isin(query_kind, list(penalty_free)) | (np.asarray(reference_view) != 0)
+def view_penalty(penalty_free_view: np.ndarray, reference_view: np.ndarray, penalty: float) -> np.ndarray:
+    """(n,) float32: ``penalty`` for rows whose query view is not penalty-free or whose reference view is a
+    crop, else 0 (seed ``Test/final/combine.py``: 0.05 off all but ``_0`` and the overlay detections).
+
+    ``penalty_free_view`` (n,) bool: the row's query view is of a penalty-free kind.
+    """
+    penalised = ~np.asarray(penalty_free_view, dtype=bool) | (np.asarray(reference_view) != 0)
     return np.where(penalised, np.float32(penalty), np.float32(0.0))
 
 

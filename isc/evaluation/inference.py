@@ -17,6 +17,7 @@ each query view keeping its running top-k, so the reference set (19 crops each) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -286,7 +287,7 @@ def run_test_stage(
         names = [f"{x} px" for x in scales]
     expansion = s.local_verification.query if s.local_verification.enabled else None
     views_of: ViewsOf | Sequence[list[View]] = (
-        (lambda image: query_views(image, expansion)) if expansion is not None else _original
+        functools.partial(query_views, expansion=expansion) if expansion is not None else _original
     )
     parts: list[Candidates] = []
     forward_seconds = np.zeros((len(models), len(names)))
@@ -412,7 +413,7 @@ def _search_model(
             n_ref_views += len(crop_index)
             ref = np.concatenate([global_refs[-1], post[0].apply(rc.per_scale[0])])
             crops = _knn_into(crops, queries[0][original], ref, np.r_[rows, crop_rows], s)
-    ref_table = np.concatenate(ref_tables)  # (n_reference_views, 2): reference image, crop index
+    ref_table = np.concatenate(ref_tables).astype(np.int32)  # (n_reference_views, 2): image, crop index
     searches = [(e, sims, idx, np.arange(n_views)) for e, (sims, idx) in enumerate(whole)]
     if lv.reference_crops:
         # whole references found here are already in the first search: keep the crops' rows only
@@ -463,13 +464,12 @@ def _stages(
     query views), divided by the number of queries.
     """
     c, lv, e = result.candidates, s.local_verification, s.ensemble
-    kinds = np.array([v.kind for v in result.query_views])
-    row_kind = kinds[c.query_view]
-    original = row_kind == "original"
+    is_original = np.array([v.kind == "original" for v in result.query_views])
+    original = is_original[c.query_view]
     whole = c.reference_view == 0
     n_entries = len(result.scale_names)
     n_models = forward_seconds.shape[0]
-    view_share = np.mean(kinds == "original")
+    view_share = float(np.mean(is_original))
     if n_entries == 1:
         entries = [0]
     elif s.multiscale == "mean":
@@ -522,8 +522,8 @@ def _score(
     index = np.flatnonzero(rows)
     subset = c.take(index)
     if local:
-        kinds = np.array([v.kind for v in result.query_views])
-        penalty = view_penalty(kinds[subset.query_view], subset.reference_view, lv.penalty, lv.penalty_free)
+        free = np.array([v.kind in lv.penalty_free for v in result.query_views])  # per view, not per row
+        penalty = view_penalty(free[subset.query_view], subset.reference_view, lv.penalty)
         subset = subset.with_scores(subset.score - penalty)
     if ensemble is not None and ensemble.rule == "vote":
         keep = keep_voted(subset, ensemble.min_votes, on=ensemble.vote_on)  # type: ignore[arg-type]

@@ -124,7 +124,7 @@ class EvaluationSettings:
     multiscale: str = "mean"
     local_verification: LocalVerification = field(default_factory=LocalVerification)
     ensemble: Ensemble = field(default_factory=Ensemble)
-    reference_block: int = 100_000
+    reference_block: int = 25_000
     max_training: int | None = None
 
     @classmethod
