@@ -93,7 +93,7 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
     if settings.descriptors:
         ids, descriptors, skipped = read_descriptor_file(settings.descriptors)
         settings.for_training_set(len(ids.get("training", ())))
-        paths: dict[str, list[Path]] = {}
+        paths = settings.split_paths(layout)  # the report shows the images the ids name
     else:
         settings.for_training_set(len(settings.split_paths(layout).get("training", ())))  # before extracting
         model = descriptor_model(cfg)
@@ -123,9 +123,9 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
     metrics["postprocessing"] = settings.for_training_set(len(ids.get("training", ()))).describe()
     metrics["num_predictions"] = len(result.predictions)
     metrics["skipped_images"] = skipped
-    if ground_truth is not None and paths:
+    if ground_truth is not None:
         stage = Stage("global", {k: metrics[k] for k in METRIC_NAMES})  # type: ignore[misc]
-        _write_report(cfg, result.predictions, ground_truth, [stage], paths, ids, metrics)
+        _write_report(cfg, result.predictions, ground_truth, [stage], paths, metrics)
     return _finish(cfg, metrics, result.predictions, ground_truth if result.metrics is not None else None)
 
 
@@ -192,7 +192,12 @@ def test_stage_models(
         size = getattr(models[0], "image_size", None) or settings.image_size
         settings = dataclasses.replace(settings, scales=(size,))
     for model in models:
-        _check_descriptor_track(settings, int(model.dim))  # type: ignore[arg-type]
+        dim = int(model.dim)  # type: ignore[arg-type]
+        _check_descriptor_track(settings, dim)
+        if settings.whitening.enabled and settings.whitening.dim > dim:
+            raise ValueError(
+                f"evaluation.whitening.dim={settings.whitening.dim} exceeds the model's {dim}-d descriptor"
+            )
     return models, settings
 
 
@@ -265,7 +270,7 @@ def _evaluate_test_stage(
             )
             for key, (qv, rv, label) in result.evidence().items()
         }
-        _write_report(cfg, final.predictions, ground_truth, stages, paths, ids, metrics, evidence)
+        _write_report(cfg, final.predictions, ground_truth, stages, paths, metrics, evidence)
     return _finish(cfg, metrics, final.predictions, ground_truth)
 
 
@@ -275,7 +280,6 @@ def _write_report(
     ground_truth: GroundTruth,
     stages: list[Stage],
     paths: dict[str, list[Path]],
-    ids: dict[str, np.ndarray] | dict[str, list[str]],
     metrics: dict[str, object],
     evidence: dict | None = None,
 ) -> None:
@@ -285,8 +289,8 @@ def _write_report(
         predictions=predictions,
         ground_truth=ground_truth,
         stages=stages,
-        query_paths=dict(zip(map(str, ids["queries"]), paths["queries"], strict=True)),
-        reference_paths=dict(zip(map(str, ids["references"]), paths["references"], strict=True)),
+        query_paths={p.stem: p for p in paths["queries"]},  # ids are file stems (isc.data.images.image_id)
+        reference_paths={p.stem: p for p in paths["references"]},
         evidence=evidence,
         subtitle=f"{dataset_root(cfg)} · model {_model_name(cfg)} · {metrics['postprocessing']}",
     )

@@ -22,7 +22,8 @@ from isc.augment import rng_for, synthetic_image
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 RECIPES = sorted(p.stem for p in (CONF / "augmentation").glob("*.yaml"))
-D2LV_RECIPES = [r for r in RECIPES if r != "isc_query"]
+QUERY_RECIPES = ("isc_query", "isc_query_local")  # benchmark query edits, not D2LV training recipes
+D2LV_RECIPES = [r for r in RECIPES if r not in QUERY_RECIPES]
 TEMPLATE_SIZES = {(414, 736), (1200, 736)}
 PINNED_RAW = [11074644401453482484, 6669934804423442033]  # PCG64 output of rng_for(0, "T000123", 7)
 
@@ -427,7 +428,7 @@ def test_recipe_composes_instantiates_and_runs(recipe, sources):
     assert isinstance(pipeline, A.Compose)
     for out in outputs(pipeline, sources + [sources[0].resize((8, 8)), sources[0].convert("L")]):
         assert out.mode == "RGB"
-        if recipe == "isc_query":
+        if recipe in QUERY_RECIPES:
             assert max(out.size) == 320
         else:
             assert out.size == (256, 256)

@@ -189,7 +189,7 @@ def shrink(args: list[str], out: Path) -> list[str]:
         extra += SHRINK["pretrain_barlow" if "barlow" in text else "pretrain_m2t"]
         if "data.max_images" not in text:
             extra.append("data.max_images=8")
-    elif "task=" not in text or "experiment=finetune" in text:
+    elif ("task=" not in text and "experiment=d2lv_inference" not in text) or "experiment=finetune" in text:
         extra += tiny_finetune()
         if "experiment=finetune_d2lv" in text:
             extra += ["evaluation.whitening.dim=4", "model.head.hidden_dims=[16]", "model.head.out_dim=8"]

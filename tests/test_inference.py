@@ -395,3 +395,14 @@ def test_the_report_and_its_figures_reach_wandb(photo_benchmark, tmp_path, monke
     media = list((out / "wandb").glob("offline-run-*/files/media/**/*"))
     names = " ".join(p.name for p in media)
     assert "report" in names and "pr_curve" in names
+
+
+def test_descriptor_track_limit_is_checked_before_extraction(photo_benchmark, tmp_path):
+    out = tmp_path / "track"
+    out.mkdir()
+    cfg = _compose(
+        [f"dataset.root={photo_benchmark}", *TEST_STAGE, "evaluation.descriptor_track_max_dim=256"], out
+    )
+    with pytest.raises(ValueError, match="1280 dims but evaluation.descriptor_track_max_dim=256"):
+        run.evaluate(cfg)
+    assert not (out / "predictions.csv").exists()
