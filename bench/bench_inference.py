@@ -49,7 +49,7 @@ from isc.evaluation.search import knn  # noqa: E402
 
 MAX_PREDICTIONS = 500_000  # the official cap (evaluation.max_predictions)
 PENALTY, PENALTY_FREE, TOP = 0.05, ("original", "overlay"), 2  # conf/experiment/d2lv_inference.yaml
-CANDIDATE_ROW_BYTES = 6 * 8 + 4  # six int64 columns and a float32 score
+CANDIDATE_ROW_BYTES = 6 * 4 + 4  # six int32 columns and a float32 score
 TOPK_BYTES = 4 + 8  # float32 similarity + int64 index per kept neighbour
 MB = 1e6
 
@@ -190,7 +190,7 @@ def _aggregate(candidates: Candidates, kinds: np.ndarray | None, top: int) -> tu
     c = candidates.take(np.flatnonzero(np.ones(len(candidates), dtype=bool)))  # _score selects its rows
     if kinds is not None:
         c = c.with_scores(
-            c.score - view_penalty(kinds[c.query_view], c.reference_view, PENALTY, PENALTY_FREE)
+            c.score - view_penalty(np.isin(kinds, PENALTY_FREE)[c.query_view], c.reference_view, PENALTY)
         )
     pairs = aggregate_pairs(c, top=top).top(MAX_PREDICTIONS)
     seconds = time.perf_counter() - started
@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--full-queries", type=int, default=50000)
     add("--full-references", type=int, default=1000000)
     add("--full-views", type=int, default=None, help="default: --views")
-    add("--full-block", type=int, default=100000, help="evaluation.reference_block")
+    add("--full-block", type=int, default=25000, help="evaluation.reference_block")
     add("--full-scales", type=int, default=3, help="conf/experiment/d2lv_inference.yaml: 256/320/200 px")
     add("--full-models", type=int, default=3, help="D2LV's ensemble of three backbones")
     args = parser.parse_args(argv, namespace=Ns())
