@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from isc.evaluation.matches import GroundTruth, Predictions
-from isc.evaluation.metrics import evaluate, main, match_ranks
+from isc.evaluation.metrics import check_prediction_queries, evaluate, main, match_ranks
 
 
 def gt(rows: list[tuple[str, str]]) -> GroundTruth:
@@ -214,3 +214,32 @@ def test_cli_reports_duplicates(tmp_path, capsys) -> None:
     (tmp_path / "pred.csv").write_text("query_id,reference_id,score\nQ0,R0,0.9\nQ0,R0,0.8\n")
     assert main([str(tmp_path / "gt.csv"), str(tmp_path / "pred.csv")]) == 2
     assert "duplicate" in capsys.readouterr().err
+
+
+def test_swapped_id_columns_are_an_error_not_a_zero(tmp_path):
+    from isc.evaluation.io import read_ground_truth, read_predictions
+    from isc.evaluation.metrics import main
+
+    (tmp_path / "gt.csv").write_text("query_id,reference_id\nQ00000,R000001\nQ00001,\nQ00002,R000002\n")
+    (tmp_path / "swapped.csv").write_text(
+        "query_id,reference_id,score\nR000001,Q00000,0.9\nR000002,Q00002,0.8\n"
+    )
+    gt, swapped = read_ground_truth(tmp_path / "gt.csv"), read_predictions(tmp_path / "swapped.csv")
+    with pytest.raises(ValueError, match="columns look swapped"):
+        check_prediction_queries(gt, swapped)
+    assert main([str(tmp_path / "gt.csv"), str(tmp_path / "swapped.csv")]) == 2  # not uAP 0.0 and exit 0
+    other = Predictions(["X1", "X2"], ["R000001", "R000002"], [0.9, 0.8])  # ids of another dataset
+    with pytest.raises(ValueError, match="none of the 2 predictions names a query"):
+        check_prediction_queries(gt, other)
+
+
+def test_predictions_for_unknown_queries_are_counted_and_named(caplog):
+    gt = GroundTruth(["Q00000", "Q00001"], ["R000001", ""])
+    predictions = Predictions(
+        ["Q00000", "Q09999", "Q09999"], ["R000001", "R000001", "R000002"], [0.9, 0.8, 0.7]
+    )
+    with caplog.at_level("WARNING", logger="isc.evaluation.metrics"):
+        check_prediction_queries(gt, predictions)
+    metrics = evaluate(gt, predictions)
+    assert "2 of 3 predictions (1 queries, e.g. Q09999) name queries absent" in caplog.text
+    assert metrics.uAP == pytest.approx(1.0)  # the known query's match still ranks first

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import asdict, dataclass
 
@@ -29,7 +30,18 @@ import numpy as np
 
 from isc.evaluation.matches import GroundTruth, Predictions
 
-__all__ = ["Metrics", "PrecisionRecall", "evaluate", "precision_recall_curve", "average_precision", "main"]
+__all__ = [
+    "Metrics",
+    "PrecisionRecall",
+    "average_precision",
+    "check_prediction_queries",
+    "evaluate",
+    "main",
+    "precision_recall_curve",
+]
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,36 @@ def _match_ranks(encoded: _Encoded, scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def check_prediction_queries(ground_truth: GroundTruth, predictions: Predictions) -> None:
+    """Refuse predictions none of whose query ids the ground truth lists; warn when some are unknown.
+
+    Both would otherwise give a low uAP without a word: the official metric (:func:`evaluate`, which stays
+    exactly official) counts rows of unknown queries as false positives. The command line checks files
+    with this first; a file whose two id columns are swapped is named as such.
+    """
+    if len(predictions) == 0:
+        return
+    known = np.isin(predictions.query_ids, ground_truth.query_ids)
+    if not known.any():
+        hint = ""
+        if np.isin(predictions.reference_ids, ground_truth.query_ids).any():
+            hint = ": its query_id and reference_id columns look swapped"
+        raise ValueError(
+            f"none of the {len(predictions)} predictions names a query of the ground truth (first: "
+            f"{predictions.query_ids[0]!r}, ground truth e.g. {ground_truth.query_ids[0]!r}){hint}"
+        )
+    if not known.all():
+        unknown = np.unique(predictions.query_ids[~known])
+        log.warning(
+            "%d of %d predictions (%d queries, e.g. %s) name queries absent from the ground truth: "
+            "the official metric counts them as false positives",
+            int((~known).sum()),
+            len(predictions),
+            len(unknown),
+            ", ".join(unknown[:5].tolist()),
+        )
+
+
 def evaluate(ground_truth: GroundTruth, predictions: Predictions) -> Metrics:
     """All official metrics for one set of predictions (see the module docstring for definitions)."""
     encoded = _encode(ground_truth, predictions)  # rejects duplicates even when nothing else is defined
@@ -193,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ground_truth = read_ground_truth(args.ground_truth)
         predictions = read_predictions(args.predictions, max_rows=args.max_rows or None)
+        check_prediction_queries(ground_truth, predictions)  # a file for another query set is not a 0.0
         metrics = evaluate(ground_truth, predictions)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
