@@ -92,6 +92,7 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
         return _evaluate_test_stage(cfg, settings, layout, ground_truth)
     if settings.descriptors:
         ids, descriptors, skipped = read_descriptor_file(settings.descriptors)
+        check_descriptor_ids(ids, layout)
         settings.for_training_set(len(ids.get("training", ())))
         paths = settings.split_paths(layout)  # the report shows the images the ids name
     else:
@@ -127,6 +128,31 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
         stage = Stage("global", {k: metrics[k] for k in METRIC_NAMES})  # type: ignore[misc]
         _write_report(cfg, result.predictions, ground_truth, [stage], paths, metrics)
     return _finish(cfg, metrics, result.predictions, ground_truth if result.metrics is not None else None)
+
+
+def check_descriptor_ids(ids: dict[str, np.ndarray], layout: Disc21Layout) -> None:
+    """Descriptors must describe this dataset's images: none known is an error, some unknown a warning.
+
+    Otherwise a file for another dataset (or another query set) scores uAP 0 without a word.
+    """
+    for split in ("queries", "references"):
+        given = np.asarray(ids[split])
+        unknown = ~np.isin(given, np.asarray(layout.ids(split)))
+        if len(given) and unknown.all():
+            raise ValueError(
+                f"none of the {len(given)} {split} ids in evaluation.descriptors is an image of "
+                f"{layout.root / split} (first {given[0]!r}, folder e.g. {layout.ids(split)[:1]}): "
+                "descriptors of another dataset?"
+            )
+        if unknown.any():
+            log.warning(
+                "%d of %d %s ids in evaluation.descriptors are not images of %s, e.g. %s",
+                int(unknown.sum()),
+                len(given),
+                split,
+                layout.root / split,
+                ", ".join(map(str, given[unknown][:5])),
+            )
 
 
 def _finish(

@@ -128,3 +128,13 @@ def test_cli_prints_uap(benchmark: Path, tmp_path: Path) -> None:
 def test_missing_dataset_root_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate([f"dataset.root={tmp_path / 'nope'}"], tmp_path)
+
+
+def test_descriptors_of_another_dataset_are_an_error_not_a_zero(benchmark: Path, tmp_path: Path) -> None:
+    q_ids, q, r_ids, r = perfect_descriptors(benchmark)
+    other_q = [f"X{i:05d}" for i in range(len(q_ids))]
+    write_descriptors(tmp_path / "other.h5", other_q, q, r_ids, r, max_dim=None)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="none of the 16 queries ids in evaluation.descriptors"):
+        evaluate([f"dataset.root={benchmark}", f"evaluation.descriptors={tmp_path / 'other.h5'}"], out)
+    assert not (out / "predictions.csv").exists()
