@@ -243,3 +243,11 @@ def test_predictions_for_unknown_queries_are_counted_and_named(caplog):
     metrics = evaluate(gt, predictions)
     assert "2 of 3 predictions (1 queries, e.g. Q09999) name queries absent" in caplog.text
     assert metrics.uAP == pytest.approx(1.0)  # the known query's match still ranks first
+
+
+def test_the_row_limit_error_names_the_command_line_flag(tmp_path, capsys):
+    (tmp_path / "gt.csv").write_text("query_id,reference_id\nQ0,R0\n")
+    (tmp_path / "pred.csv").write_text("query_id,reference_id,score\nQ0,R0,0.9\nQ0,R1,0.8\nQ0,R2,0.7\n")
+    assert main([str(tmp_path / "gt.csv"), str(tmp_path / "pred.csv"), "--max-rows", "2"]) == 2
+    assert "--max-rows 0" in capsys.readouterr().err
+    assert main([str(tmp_path / "gt.csv"), str(tmp_path / "pred.csv"), "--max-rows", "0"]) == 0

@@ -152,7 +152,8 @@ def _read_csv(
     if max_rows is not None and len(body) > max_rows:
         raise ValueError(
             f"{path}: {len(body)} {what} rows exceed max_rows={max_rows} (the official matching-track limit "
-            f"is {MAX_PREDICTIONS:,}); pass max_rows=None to read them anyway"
+            f"is {MAX_PREDICTIONS:,}); to read them anyway pass --max-rows 0 on the command line "
+            "(max_rows=None in Python)"
         )
     ncol = len(header)
     if '"' in text:
@@ -272,7 +273,8 @@ def write_predictions(
     if max_rows is not None and len(predictions) > max_rows:
         raise ValueError(
             f"{len(predictions)} predictions exceed max_rows={max_rows} (the official matching-track limit is "
-            f"{MAX_PREDICTIONS:,}): keep the best with predictions.top({max_rows}) or pass max_rows=None"
+            f"{MAX_PREDICTIONS:,}): keep the best with predictions.top({max_rows}), or raise "
+            "evaluation.max_predictions (max_rows=None in Python)"
         )
     predictions.check_no_duplicates()
     _check_csv_safe(predictions.query_ids, "query id")
@@ -437,7 +439,8 @@ def write_descriptors(
     if max_dim is not None and descriptors.dim > max_dim:
         raise ValueError(
             f"descriptors have {descriptors.dim} dimensions, more than max_dim={max_dim} (the descriptor-track "
-            "limit is 256); reduce them (e.g. PCA) or pass max_dim=None for a non-submission file"
+            "limit is 256): set evaluation.whitening.enabled=true with evaluation.whitening.dim<=256, or "
+            "evaluation.descriptor_track_max_dim=null for a non-submission file (max_dim=None in Python)"
         )
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         for name in _SPLITS:
