@@ -246,7 +246,8 @@ class TestStageResult:
             row = int(p.row[i])
             qv = self.query_views[int(c.query_view[row])]
             w, h = self.reference_sizes[int(c.reference[row])]
-            rv = reference_views(w, h, crops=True)[int(c.reference_view[row])]
+            crop = int(c.reference_view[row])  # most winners are whole references: skip the 19 boxes
+            rv = reference_views(w, h, crops=True)[crop] if crop else View("original", (0, 0, w, h))
             label = f"{qv.kind} view, {self.scale_names[int(c.scale[row])]}, model {int(c.model[row])}"
             key = (str(stage.predictions.query_ids[i]), str(stage.predictions.reference_ids[i]))
             out[key] = (qv, rv, label)
