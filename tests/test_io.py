@@ -221,7 +221,7 @@ def test_descriptors_training_split_round_trip(tmp_path: Path) -> None:
 
 
 def test_descriptor_dimension_cap(tmp_path: Path) -> None:
-    x = np.ones((2, 257), dtype=np.float32)
+    x = np.arange(2 * 257, dtype=np.float32).reshape(2, 257)
     path = tmp_path / "d.h5"
     with pytest.raises(ValueError, match=r"257 dimensions.*max_dim=256"):
         write_descriptors(path, ["Q0", "Q1"], x, ["R0", "R1"], x)
@@ -248,7 +248,7 @@ def test_descriptor_dimension_cap(tmp_path: Path) -> None:
 def test_write_descriptors_refuses_bad_input(tmp_path: Path, kwargs: dict, message: str) -> None:
     args = {
         "query_ids": ["Qa", "Qb"],
-        "query": np.ones((2, 2)),
+        "query": np.array([[1.0, 2.0], [3.0, 1.0]]),
         "reference_ids": ["R0"],
         "reference": np.ones((1, 2)),
     } | kwargs
@@ -256,6 +256,30 @@ def test_write_descriptors_refuses_bad_input(tmp_path: Path, kwargs: dict, messa
     with pytest.raises(ValueError, match=message):
         write_descriptors(path, **args)
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]], r"2 of 3 query descriptor\(s\) are all zeros.*'Qb', 'Qc'"),
+        ([[0.6, 0.8]] * 3, "all 3 query descriptors are the same vector"),
+    ],
+)
+def test_zero_and_constant_descriptors_are_refused(tmp_path: Path, query: list, message: str) -> None:
+    """Such files scored uAP 0.07 with exit 0 (issue 10, finding 1); now they name the ids and stop."""
+    path = tmp_path / "d.h5"
+    with pytest.raises(ValueError, match=message):
+        write_descriptors(path, ["Qa", "Qb", "Qc"], np.array(query), ["R0", "R1"], np.eye(2))
+    assert not path.exists()
+    with h5py.File(path, "w") as f:  # a file written by other code is refused when read, naming it
+        f["query"] = np.array(query, dtype=np.float32)
+        f["query_ids"] = np.array([b"Qa", b"Qb", b"Qc"])
+        f["reference"] = np.eye(2, dtype=np.float32)
+        f["reference_ids"] = np.array([b"R0", b"R1"])
+    with pytest.raises(ValueError, match=rf"d\.h5.*{message}"):
+        read_descriptors(path)
+    one = Descriptors(["Q0"], [[0.6, 0.8]], ["R0"], [[0.6, 0.8]])  # one image per split is not "constant"
+    assert one.dim == 2
 
 
 def test_read_descriptors_validates_and_names_file(tmp_path: Path) -> None:
@@ -282,7 +306,7 @@ def test_read_descriptors_validates_and_names_file(tmp_path: Path) -> None:
 def test_check_descriptor_track_flags_unsorted_and_float64(tmp_path: Path) -> None:
     path = tmp_path / "d.h5"
     with h5py.File(path, "w") as f:
-        f["query"] = np.ones((2, 2))  # float64
+        f["query"] = np.array([[1.0, 2.0], [3.0, 1.0]])  # float64
         f["query_ids"] = np.array([b"Q1", b"Q0"])
         f["reference"] = np.ones((1, 2), dtype=np.float32)
         f["reference_ids"] = np.array([b"R0"])
@@ -293,12 +317,12 @@ def test_check_descriptor_track_flags_unsorted_and_float64(tmp_path: Path) -> No
 
 
 def test_descriptors_dataclass_is_frozen_and_sorts() -> None:
-    d = Descriptors(["Q1", "Q0"], [[1, 1], [0, 0]], ["R0"], [[2, 2]])
+    d = Descriptors(["Q1", "Q0"], [[1, 1], [0, 1]], ["R0"], [[2, 2]])
     with pytest.raises(AttributeError):
         d.query = None  # type: ignore[misc]
     s = d.sorted()
     assert s.query_ids.tolist() == ["Q0", "Q1"]
-    assert s.query.tolist() == [[0, 0], [1, 1]]
+    assert s.query.tolist() == [[0, 1], [1, 1]]
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
@@ -688,7 +712,7 @@ def test_write_split_descriptors_refuses_what_the_official_reader_would_change(
 ) -> None:
     path = tmp_path / "s.hdf5"
     with pytest.raises(ValueError, match=message):
-        write_split_descriptors(path, ids, np.ones((len(ids), 2)))
+        write_split_descriptors(path, ids, np.arange(2.0 * len(ids)).reshape(-1, 2) + 1)
     assert not path.exists()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import N_MATCHED, N_REFS, N_TRAIN, N_UNMATCHED
 from hydra import compose, initialize_config_dir
 
@@ -138,3 +139,42 @@ def test_descriptors_of_another_dataset_are_an_error_not_a_zero(benchmark: Path,
     with pytest.raises(ValueError, match="none of the 16 queries ids in evaluation.descriptors"):
         evaluate([f"dataset.root={benchmark}", f"evaluation.descriptors={tmp_path / 'other.h5'}"], out)
     assert not (out / "predictions.csv").exists()
+
+
+class _Collapsed(torch.nn.Module):
+    """A model whose descriptor is zero for the fourth reference image and for nothing else."""
+
+    dim, image_size = 4, 32
+    zero_pixel = -1.0  # inputs whose first pixel has this value get a zero descriptor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.normalize(x.mean(dim=(2, 3)).repeat(1, 2)[:, :4] + 0.1, dim=1)
+        keep = (x[:, 0, 0, 0] != self.zero_pixel).float()[:, None]
+        return out * keep
+
+
+def test_a_zero_descriptor_during_extraction_names_the_image(benchmark: Path) -> None:
+    """An all-zero descriptor stops extraction at its batch and names the file, not a uAP of 0.07."""
+    from isc.data.images import list_images
+    from isc.evaluation.extract import extract_descriptors, image_dataset
+
+    paths = list_images(benchmark / "references")
+    dataset = image_dataset(paths, 32)
+    model = _Collapsed()
+    model.zero_pixel = float(dataset[3][0][0, 0, 0])
+    assert float(dataset[2][0][0, 0, 0]) != model.zero_pixel  # only the fourth image is hit
+    with pytest.raises(ValueError, match=rf"all-zero descriptor for image .*{paths[3].name}"):
+        extract_descriptors(model, dataset, batch_size=8, num_workers=0, progress=False)
+
+
+def test_an_all_zero_descriptor_file_is_refused_before_matching(benchmark: Path, tmp_path: Path) -> None:
+    import h5py
+
+    q_ids, q, r_ids, r = perfect_descriptors(benchmark)
+    with h5py.File(tmp_path / "zero.h5", "w") as f:
+        f["query"], f["query_ids"] = np.zeros_like(q), np.array(q_ids, dtype="S")
+        f["reference"], f["reference_ids"] = r, np.array(r_ids, dtype="S")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"zero\.h5.*16 of 16 query descriptor\(s\) are all zeros"):
+        evaluate([f"dataset.root={benchmark}", f"evaluation.descriptors={tmp_path / 'zero.h5'}"], out)
+    assert not (out / "metrics.json").exists()

@@ -71,6 +71,13 @@ def extract_descriptors(
         if bad.any():
             first = int(indices[np.flatnonzero(bad)[0]])
             raise ValueError(f"non-finite descriptor for image {dataset.paths[first]}")
+        zero = ~descriptors.any(axis=1)
+        if zero.any():  # caught here, naming the image, rather than when the file is written
+            first = int(indices[np.flatnonzero(zero)[0]])
+            raise ValueError(
+                f"all-zero descriptor for image {dataset.paths[first]}: it would match nothing "
+                "(a collapsed model, or an input size too small for the backbone?)"
+            )
         out.append(descriptors)
     if not out:
         return np.zeros((0, 0), dtype=np.float32)

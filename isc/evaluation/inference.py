@@ -154,6 +154,11 @@ def _extract(
             model_seconds[s] += time.perf_counter() - started
             if not np.isfinite(out).all():
                 raise ValueError(f"non-finite descriptor in a batch starting at image {paths[indices[0]]}")
+            if not out.any(axis=1).all():
+                raise ValueError(
+                    f"all-zero descriptor in a batch starting at image {paths[indices[0]]}: it would match "
+                    "nothing (a collapsed model, or views too small for the backbone?)"
+                )
             per_scale[s].append(out)
         views += batch_views
         sizes += batch_sizes

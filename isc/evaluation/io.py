@@ -357,6 +357,7 @@ def _check_block(name: str, ids: object, x: object) -> tuple[np.ndarray, np.ndar
             f"{bad.size} {name} descriptor(s) contain NaN or inf (after float32 conversion), "
             f"first for id {str(ids[bad[0]])!r}"
         )
+    _refuse_degenerate(name, ids, x)
     uniq, counts = np.unique(ids, return_counts=True)
     if np.any(counts > 1):
         dups = uniq[counts > 1]
@@ -364,6 +365,26 @@ def _check_block(name: str, ids: object, x: object) -> tuple[np.ndarray, np.ndar
             f"{name}_ids has {dups.size} duplicate id(s), e.g. {', '.join(repr(str(v)) for v in dups[:5])}"
         )
     return ids, x
+
+
+def _refuse_degenerate(name: str, ids: np.ndarray, x: np.ndarray) -> None:
+    """Zero rows, or one vector repeated for every image, carry no information yet score a small uAP.
+
+    They come from a model that collapsed, an input pipeline that fed blank images, or a file written
+    from a placeholder array; none is a submission anyone means to score.
+    """
+    zero = np.flatnonzero(~np.any(x, axis=1))
+    if zero.size:
+        raise ValueError(
+            f"{zero.size} of {len(x)} {name} descriptor(s) are all zeros, e.g. id(s) "
+            f"{', '.join(repr(str(v)) for v in ids[zero[:5]])}: a zero vector matches nothing; "
+            "check the model and its input images"
+        )
+    if len(x) > 1 and x.shape[1] and np.ptp(x, axis=0).max() <= 1e-6 * max(float(np.abs(x).max()), 1e-30):
+        raise ValueError(
+            f"all {len(x)} {name} descriptors are the same vector: a collapsed model or constant input "
+            "images; they cannot rank anything"
+        )
 
 
 @dataclass(frozen=True)
