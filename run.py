@@ -19,9 +19,9 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from isc.data.benchmark import build_benchmark, ensure_embedded_benchmark
+from isc.data.benchmark import benchmark_pool_size, build_benchmark, ensure_embedded_benchmark
 from isc.data.generate import generate_copies_dataset
-from isc.data.images import Disc21Layout, ImageFolderDataset, find_images
+from isc.data.images import Disc21Layout, ImageFolderDataset, SkippedImages, check_images, find_images
 from isc.evaluation.extract import extract_descriptors, image_dataset
 from isc.evaluation.inference import ConcatModel, run_test_stage
 from isc.evaluation.io import (
@@ -96,10 +96,11 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
         settings.for_training_set(len(ids.get("training", ())))
         paths = settings.split_paths(layout)  # the report shows the images the ids name
     else:
-        settings.for_training_set(len(settings.split_paths(layout).get("training", ())))  # before extracting
+        listed, skip_log = check_splits(cfg, layout, settings.split_paths(layout))
+        settings.for_training_set(len(listed.get("training", ())))  # before extracting
         model = descriptor_model(cfg)
-        _check_descriptor_track(settings, model.dim)
-        ids, descriptors, skipped, paths = extract_splits(cfg, layout, model, settings)
+        check_model_dims(settings, model.dim)
+        ids, descriptors, skipped, paths = extract_splits(cfg, listed, model, settings, skip_log)
     result = match_descriptors(
         ids["queries"],
         descriptors["queries"],
@@ -180,7 +181,13 @@ def _finish(
     return metrics
 
 
-def _check_descriptor_track(settings: EvaluationSettings, model_dim: int) -> None:
+def check_model_dims(settings: EvaluationSettings, model_dim: int) -> None:
+    """Whitening and descriptor-track dims against the model's output, before any image is read."""
+    if settings.whitening.enabled and settings.whitening.dim > model_dim:
+        raise ValueError(
+            f"evaluation.whitening.dim={settings.whitening.dim} exceeds the model's {model_dim}-d "
+            "descriptor: lower it"
+        )
     max_dim = settings.descriptor_track_max_dim
     out_dim = settings.whitening.dim if settings.whitening.enabled else model_dim
     if max_dim is not None and out_dim > max_dim:
@@ -218,12 +225,7 @@ def test_stage_models(
         size = getattr(models[0], "image_size", None) or settings.image_size
         settings = dataclasses.replace(settings, scales=(size,))
     for model in models:
-        dim = int(model.dim)  # type: ignore[arg-type]
-        _check_descriptor_track(settings, dim)
-        if settings.whitening.enabled and settings.whitening.dim > dim:
-            raise ValueError(
-                f"evaluation.whitening.dim={settings.whitening.dim} exceeds the model's {dim}-d descriptor"
-            )
+        check_model_dims(settings, int(model.dim))  # type: ignore[arg-type]
     return models, settings
 
 
@@ -236,13 +238,15 @@ def _evaluate_test_stage(
             "evaluation.descriptors holds one descriptor per image; scales, local_verification and "
             "ensemble need the models: drop evaluation.descriptors or those settings"
         )
-    listed = settings.split_paths(layout)
+    listed, skip_log = check_splits(cfg, layout, settings.split_paths(layout))
     settings.for_training_set(len(listed.get("training", ())))
     models, settings = test_stage_models(cfg, settings)
     paths, ids, skipped = {}, {}, {}
     for split, files in listed.items():
         listing = ImageFolderDataset(files, skip_bad=cfg.dataset.skip_bad_images)
-        paths[split], ids[split], skipped[split] = listing.paths, listing.ids, len(listing.skipped)
+        paths[split], ids[split] = listing.paths, listing.ids
+        skip_log.add(split, listing.skipped)
+        skipped[split] = skip_log.count(split)
     started = time.perf_counter()
     result = run_test_stage(models, paths, ids, settings, ground_truth)
     log.info("test stage took %.1f s", time.perf_counter() - started)
@@ -395,10 +399,37 @@ def read_descriptor_file(source: DescriptorSource) -> tuple[Splits, Splits, dict
     return ids, descriptors, {}
 
 
+def check_splits(
+    cfg: DictConfig, layout: Disc21Layout, listed: dict[str, list[Path]]
+) -> tuple[dict[str, list[Path]], SkippedImages]:
+    """The pre-pass before any model is built: no empty split, valid ids, readable image headers.
+
+    Files it finds unreadable are an error naming them, or with ``dataset.skip_bad_images`` left out and
+    listed in ``skipped_images.csv`` in the run dir. Returns the listing to extract and that list.
+    """
+    for split in ("queries", "references"):
+        if split in listed and not listed[split]:
+            raise ValueError(f"{layout.root / split} holds no images: nothing to evaluate")
+    checked, skipped = {}, SkippedImages(Path(cfg.paths.output_dir) / "skipped_images.csv")
+    for split, files in listed.items():
+        checked[split], bad = check_images(
+            files,
+            f"{split}/ of {layout.root}",
+            skip_bad=cfg.dataset.skip_bad_images,
+            num_workers=max(8, cfg.evaluation.num_workers),
+        )
+        skipped.add(split, bad)
+    return checked, skipped
+
+
 def extract_splits(
-    cfg: DictConfig, layout: Disc21Layout, model: DescriptorModel, settings: EvaluationSettings
+    cfg: DictConfig,
+    listed: dict[str, list[Path]],
+    model: DescriptorModel,
+    settings: EvaluationSettings,
+    skip_log: SkippedImages,
 ) -> tuple[Splits, Splits, dict[str, int], dict[str, list[Path]]]:
-    """Descriptors of every split of ``layout`` with ``model`` at its recorded input size."""
+    """Descriptors of every split of the checked listing with ``model`` at its recorded input size."""
     image_size = model.image_size or settings.image_size
     if model.image_size and model.image_size != settings.image_size:
         log.info(
@@ -411,9 +442,10 @@ def extract_splits(
     skipped: dict[str, int] = {}
     paths: dict[str, list[Path]] = {}
     started = time.perf_counter()
-    for split, files in settings.split_paths(layout).items():
+    for split, files in listed.items():
         dataset = image_dataset(files, image_size, skip_bad=cfg.dataset.skip_bad_images)
-        skipped[split] = len(dataset.skipped)
+        skip_log.add(split, dataset.skipped)
+        skipped[split] = skip_log.count(split)
         ids[split], paths[split] = np.asarray(dataset.ids), list(dataset.paths)
         descriptors[split] = extract_descriptors(
             model,
@@ -427,7 +459,7 @@ def extract_splits(
     seconds = time.perf_counter() - started
     log.info("extracted %d descriptors in %.1f s (%.1f images/s)", n_images, seconds, n_images / seconds)
     if any(skipped.values()):
-        log.warning("skipped unreadable images: %s", skipped)
+        log.warning("skipped unreadable images: %s, listed in %s", skipped, skip_log.path)
     return ids, descriptors, skipped, paths
 
 
@@ -598,6 +630,10 @@ def generate(cfg: DictConfig) -> dict[str, object]:
 def build_benchmark_task(cfg: DictConfig) -> dict[str, object]:
     """Make a DISC21-layout benchmark from a pool of images with the chosen query recipe."""
     b = cfg.benchmark
+    if Path(b.out_dir).exists():  # both checks before listing a pool that may hold millions of files
+        raise FileExistsError(f"{b.out_dir} exists: choose another benchmark.out_dir or remove it")
+    needed = benchmark_pool_size(b.n_references, b.n_training, b.n_queries, b.matched_fraction)
+    log.info("listing %s for %d distinct images", b.pool, needed)
     out = build_benchmark(
         find_images(b.pool),
         b.out_dir,

@@ -97,6 +97,26 @@ def _limit_size(image: Image.Image, max_side: int | None) -> Image.Image:
     return image
 
 
+def benchmark_pool_size(n_references: int, n_training: int, n_queries: int, matched_fraction: float) -> int:
+    """How many distinct pool images a benchmark of these sizes needs; checked before the pool is listed.
+
+    References, training images and unmatched queries are all different pool images; matched queries
+    are edited copies of references.
+    """
+    for key, value in (("n_references", n_references), ("n_training", n_training), ("n_queries", n_queries)):
+        if value < 0:
+            raise ValueError(f"benchmark.{key} must be >= 0, got {value}")
+    if not 0.0 <= matched_fraction <= 1.0:
+        raise ValueError(f"benchmark.matched_fraction must be in [0, 1], got {matched_fraction}")
+    n_matched = round(n_queries * matched_fraction)
+    if n_matched > n_references:
+        raise ValueError(
+            f"{n_matched} matched queries (benchmark.n_queries x benchmark.matched_fraction) need at least "
+            f"as many references: benchmark.n_references={n_references}"
+        )
+    return n_references + n_training + n_queries - n_matched
+
+
 def build_benchmark(
     pool: Sequence[ImageSource],
     out_dir: str | Path,
@@ -119,20 +139,14 @@ def build_benchmark(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to rebuild it")
-    if not 0.0 <= matched_fraction <= 1.0:
-        raise ValueError(f"matched_fraction must be in [0, 1], got {matched_fraction}")
-    n_matched = round(n_queries * matched_fraction)
-    n_unmatched = n_queries - n_matched
-    needed = n_references + n_training + n_unmatched
+    needed = benchmark_pool_size(n_references, n_training, n_queries, matched_fraction)
     if needed > len(pool):
         raise ValueError(
-            f"pool has {len(pool)} images but {n_references} references + {n_training} training + "
-            f"{n_unmatched} unmatched queries need {needed}"
+            f"the pool has {len(pool)} images but benchmark.n_references={n_references} + "
+            f"benchmark.n_training={n_training} + the unmatched share of benchmark.n_queries={n_queries} "
+            f"need {needed} distinct images: lower those sizes or give a larger benchmark.pool"
         )
-    if n_matched > n_references:
-        raise ValueError(
-            f"{n_matched} matched queries need at least as many references (have {n_references})"
-        )
+    n_matched = round(n_queries * matched_fraction)
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(pool))

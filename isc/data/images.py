@@ -7,9 +7,11 @@ and :func:`scan_images` finds all such files up front so they can be skipped and
 
 from __future__ import annotations
 
+import csv
 import functools
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,18 +21,21 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from isc.data.pixels import to_rgb
-from isc.evaluation.io import read_ground_truth
+from isc.evaluation.io import atomic_write, read_ground_truth
 from isc.evaluation.matches import GroundTruth
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
     "SPLITS",
+    "SkippedImages",
     "Disc21Layout",
     "ImageFolderDataset",
     "ImageLoadError",
+    "check_images",
     "find_images",
     "image_id",
     "list_images",
@@ -68,13 +73,13 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist or is not a directory")
     with os.scandir(folder) as entries:
-        paths = [
-            Path(e.path)
+        named = [
+            e
             for e in entries
-            if not e.name.startswith(".")
-            and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-            and e.is_file()
+            if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
         ]
+    paths = [Path(e.path) for e in named if e.is_file()]
+    _warn_broken_links([Path(e.path) for e in named if e.is_symlink() and not e.is_file()], folder)
     ids = np.array([p.stem for p in paths], dtype=str) if paths else np.zeros(0, dtype="<U1")
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
@@ -97,17 +102,27 @@ def find_images(root: str | os.PathLike[str]) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-    found = []
+    found: list[Path] = []
+    broken: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [
-            Path(dirpath) / f
-            for f in filenames
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        ]
+        for f in filenames:
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+                path = Path(dirpath) / f
+                (broken if path.is_symlink() and not path.exists() else found).append(path)
+    _warn_broken_links(broken, root)
     if not found:
         raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
     return sorted(found)
+
+
+def _warn_broken_links(links: list[Path], folder: Path) -> None:
+    """A dangling symlink is a lost image, not a non-image: say so instead of dropping it silently."""
+    if links:
+        shown = ", ".join(p.name for p in sorted(links)[:_FIRST_FEW])
+        log.warning(
+            "%s: ignoring %d broken symbolic link(s) to missing images, e.g. %s", folder, len(links), shown
+        )
 
 
 @dataclass(frozen=True)
@@ -311,6 +326,111 @@ def scan_images(
         log.warning("skipping %d of %d unreadable image(s): %s", len(bad), len(files), shown)
     good = [p for p, reason in zip(files, problems, strict=True) if reason is None]
     return good, bad
+
+
+# --------------------------------------------------------------------------------------------------
+# the pre-pass: cheap checks of every file before any extraction or training
+
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+_TAIL_BYTES = 4096  # an end marker may be followed by padding or a camera's trailer
+_BAD_ID = re.compile(r"[\s,\"']")
+
+
+def _quick_problem(path: Path, max_pixels: int | None) -> str | None:
+    """Header and end-of-file checks (well under a millisecond per file); decode only what looks wrong.
+
+    Catches missing, empty, non-image, oversized and truncated JPEG/PNG files; damage in the middle of
+    the pixel data is found only when the image is decoded.
+    """
+    try:
+        size = path.stat().st_size
+        with Image.open(path) as image:
+            image_format, (width, height) = image.format, image.size
+    except Exception:  # any failure: let the full decoder say exactly what is wrong
+        return _problem(path, max_pixels)
+    if size == 0 or (max_pixels is not None and width * height > max_pixels):
+        return _problem(path, max_pixels)
+    marker = _END_MARKERS.get(image_format or "")
+    if marker is not None:
+        with open(path, "rb") as f:
+            f.seek(max(0, size - _TAIL_BYTES))
+            if marker not in f.read():
+                return _problem(path, max_pixels)  # no end marker: truncated, unless it decodes
+    return None
+
+
+def check_images(
+    paths: Sequence[str | os.PathLike[str]],
+    what: str,
+    *,
+    skip_bad: bool = False,
+    num_workers: int = 8,
+    progress: bool = True,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The pre-pass every task runs before heavy work: ``(good_paths, [(bad_path, reason), ...])``.
+
+    File names must make valid ids (the official CSV and HDF5 formats hold ASCII without whitespace,
+    commas or quotes): a bad name is always an error naming the file. Unreadable files (see
+    :func:`_quick_problem`) are an error listing them, or with ``skip_bad`` dropped and returned.
+    ``what`` names the files in messages (e.g. ``"training/ of /data/disc21"``).
+    """
+    files = [Path(p) for p in paths]
+    bad_names = [p for p in files if not p.stem.isascii() or _BAD_ID.search(p.stem)]
+    if bad_names:
+        shown = ", ".join(repr(p.name) for p in bad_names[:_FIRST_FEW])
+        raise ValueError(
+            f"{len(bad_names)} file name(s) in {what} cannot be image ids: {shown}. Ids (file names "
+            "without extension) must be ASCII without whitespace, commas or quotes, as the official "
+            f"CSV and HDF5 formats require: rename them (e.g. {bad_names[0].parent})"
+        )
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:  # Pillow and file reads release the GIL
+        problems = list(
+            tqdm(
+                pool.map(_quick_problem, files, [max_pixels] * len(files)),
+                total=len(files),
+                desc=f"checking {what}",
+                unit="image",
+                disable=not progress or len(files) < 1000,
+                leave=False,
+            )
+        )
+    bad = [(p, r) for p, r in zip(files, problems, strict=True) if r is not None]
+    if bad and not skip_bad:
+        shown = "; ".join(f"{p.name}: {r}" for p, r in bad[:_FIRST_FEW])
+        raise ImageLoadError(
+            bad[0][0],
+            f"{bad[0][1]}. {len(bad)} of {len(files)} images in {what} cannot be read ({shown}): "
+            "fix or remove them, or set dataset.skip_bad_images=true to skip and count them",
+        )
+    if bad:
+        log.warning("%s: skipping %d of %d unreadable image(s)", what, len(bad), len(files))
+    good = [p for p, r in zip(files, problems, strict=True) if r is None]
+    return good, bad
+
+
+@dataclass
+class SkippedImages:
+    """What a skip-and-count run left out, kept as ``split,path,reason`` rows in a CSV in the run dir.
+
+    The file is rewritten (atomically) each time files are added, so it is complete even if the run
+    dies later.
+    """
+
+    path: Path
+    rows: list[tuple[str, Path, str]] = field(default_factory=list)
+
+    def add(self, split: str, bad: Sequence[tuple[Path, str]]) -> None:
+        if not bad:
+            return
+        self.rows += [(split, Path(p), reason) for p, reason in bad]
+        with atomic_write(self.path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(("split", "path", "reason"))
+            writer.writerows((split, str(p), reason) for split, p, reason in self.rows)
+
+    def count(self, split: str) -> int:
+        return sum(1 for s, _, _ in self.rows if s == split)
 
 
 class ImageFolderDataset(Dataset):
