@@ -19,10 +19,15 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from isc.data.benchmark import benchmark_pool_size, build_benchmark, ensure_embedded_benchmark
+from isc.data.benchmark import (
+    benchmark_pool_size,
+    build_benchmark,
+    default_cache_dir,
+    ensure_embedded_benchmark,
+)
 from isc.data.generate import generate_copies_dataset
 from isc.data.images import Disc21Layout, ImageFolderDataset, SkippedImages, check_images, find_images
-from isc.evaluation.extract import extract_descriptors, image_dataset
+from isc.evaluation.extract import image_dataset
 from isc.evaluation.inference import ConcatModel, run_test_stage
 from isc.evaluation.io import (
     DescriptorSource,
@@ -34,6 +39,7 @@ from isc.evaluation.io import (
 from isc.evaluation.matches import GroundTruth, Predictions
 from isc.evaluation.pipeline import METRIC_NAMES, EvaluationSettings, headline_metrics, match_descriptors
 from isc.evaluation.report import Evidence, Stage, report_figures, write_report
+from isc.evaluation.shards import extract_sharded
 from isc.models.descriptor import DescriptorModel, load_descriptor_model, save_descriptor_model
 
 log = logging.getLogger("run")
@@ -422,6 +428,16 @@ def check_splits(
     return checked, skipped
 
 
+def descriptor_cache(cfg: DictConfig, settings: EvaluationSettings) -> Path | None:
+    """Where resumable extraction keeps its shards: ``evaluation.cache_dir`` (``auto``: the user cache)."""
+    if settings.cache_dir in (None, "", False):
+        return None
+    if settings.cache_dir == "auto":
+        root = Path(cfg.paths.cache_dir).expanduser() if cfg.paths.cache_dir else default_cache_dir()
+        return root / "descriptors"
+    return Path(str(settings.cache_dir)).expanduser().absolute()
+
+
 def extract_splits(
     cfg: DictConfig,
     listed: dict[str, list[Path]],
@@ -441,18 +457,23 @@ def extract_splits(
     descriptors: Splits = {}
     skipped: dict[str, int] = {}
     paths: dict[str, list[Path]] = {}
+    cache = descriptor_cache(cfg, settings)
     started = time.perf_counter()
     for split, files in listed.items():
         dataset = image_dataset(files, image_size, skip_bad=cfg.dataset.skip_bad_images)
         skip_log.add(split, dataset.skipped)
         skipped[split] = skip_log.count(split)
         ids[split], paths[split] = np.asarray(dataset.ids), list(dataset.paths)
-        descriptors[split] = extract_descriptors(
+        descriptors[split] = extract_sharded(
             model,
             dataset,
+            cache,
+            shard_size=settings.shard_size,
             batch_size=settings.batch_size,
             num_workers=settings.num_workers,
             device=settings.device,
+            image_size=image_size,
+            name=split,
             desc=f"{split} ({len(dataset)} images)",
         )
     n_images = sum(len(v) for v in ids.values())

@@ -45,6 +45,14 @@ def make_copy_benchmark(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory) -> None:
+    """Built benchmarks and descriptor shards go to a session folder, never the user's own cache."""
+    import os
+
+    os.environ.setdefault("ISC_CACHE_DIR", str(tmp_path_factory.mktemp("isc-cache")))
+
+
 @pytest.fixture(scope="session")
 def benchmark(tmp_path_factory) -> Path:
     return make_copy_benchmark(tmp_path_factory.mktemp("bench"))

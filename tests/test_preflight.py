@@ -44,7 +44,7 @@ def no_extraction(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(1)
         raise AssertionError("extraction started before the pre-pass error")
 
-    monkeypatch.setattr(run, "extract_descriptors", refuse)
+    monkeypatch.setattr(run, "extract_sharded", refuse)
     monkeypatch.setattr(run, "run_test_stage", refuse)
     return calls
 

@@ -126,6 +126,8 @@ class EvaluationSettings:
     ensemble: Ensemble = field(default_factory=Ensemble)
     reference_block: int = 25_000
     max_training: int | None = None
+    cache_dir: Any = "auto"
+    shard_size: int = 10_000
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EvaluationSettings:
@@ -194,6 +196,8 @@ class EvaluationSettings:
             )
         if self.max_training is not None and self.max_training < 1:
             raise ValueError(f"evaluation.max_training must be >= 1 or null, got {self.max_training}")
+        if self.shard_size < 1:
+            raise ValueError(f"evaluation.shard_size must be >= 1, got {self.shard_size}")
         if self.reference_block < 1:
             raise ValueError(f"evaluation.reference_block must be >= 1, got {self.reference_block}")
 

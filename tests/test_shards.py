@@ -1,0 +1,259 @@
+"""Resumable sharded extraction (isc/evaluation/shards.py): reuse, invalidation, crashes and SIGKILL.
+
+Run as a script (``python tests/test_shards.py IMAGES CACHE``), this file is also the slow extraction that
+:func:`test_sigkilled_run_resumes` kills with ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from isc.evaluation.extract import extract_descriptors, image_dataset
+from isc.evaluation.shards import extract_sharded, listing_fingerprint, model_fingerprint
+
+N_IMAGES, BATCH, SHARD = 40, 4, 8  # 5 shards of 2 batches
+N_SHARDS = N_IMAGES // SHARD
+SIZE = 32
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TinyNet(nn.Module):
+    """conv -> global average pool -> L2 norm: deterministic on the CPU, a few microseconds an image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(F.relu(self.conv(x)).mean(dim=(2, 3)), dim=-1)
+
+
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def write_images(folder: Path, n: int = N_IMAGES) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = folder / f"R{i:06d}.png"
+        Image.fromarray(rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def sharded(model: nn.Module, paths: list[Path], cache: Path | None, **kw) -> np.ndarray:
+    kw = {"shard_size": SHARD, "batch_size": BATCH, "num_workers": 0, "progress": False, **kw}
+    return extract_sharded(model, image_dataset(paths, SIZE), cache, image_size=SIZE, **kw)
+
+
+def reference(model: nn.Module, paths: list[Path]) -> np.ndarray:
+    return extract_descriptors(
+        model, image_dataset(paths, SIZE), batch_size=BATCH, num_workers=0, progress=False
+    )
+
+
+class Counter:
+    """A forward hook counting the images a model sees (hooks are not part of the model fingerprint)."""
+
+    def __init__(self, model: nn.Module, fail_after: int | None = None) -> None:
+        self.images, self.fail_after = 0, fail_after
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if self.fail_after is not None and self.images >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.images += len(args[0])
+
+
+def shard_files(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("shard-*.h5"))
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> list[Path]:
+    return write_images(tmp_path / "references")
+
+
+def test_fingerprints_track_weights_and_files(tmp_path: Path, images: list[Path]) -> None:
+    a, b = tiny_net(), tiny_net()
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        b.conv.weight[0, 0, 0, 0] += 1e-6
+    assert model_fingerprint(a) != model_fingerprint(b)
+    before = listing_fingerprint(images, image_size=SIZE)
+    assert before == listing_fingerprint([str(p) for p in images], image_size=SIZE)
+    assert before != listing_fingerprint(images, image_size=SIZE + 1)
+    assert before != listing_fingerprint(images, image_size=SIZE, extra={"transform": "other"})
+    assert before != listing_fingerprint(images[::-1], image_size=SIZE)
+    os.utime(images[3], ns=(1, 1))
+    assert before != listing_fingerprint(images, image_size=SIZE)
+
+
+def test_no_cache_is_plain_extraction(tmp_path: Path, images: list[Path]) -> None:
+    model = tiny_net()
+    assert sharded(model, images, None).tobytes() == reference(model, images).tobytes()
+    assert not list(tmp_path.rglob("*.h5"))
+
+
+def test_sharded_equals_extract_and_rerun_reuses_everything(
+    tmp_path: Path, images: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    model, cache = tiny_net(), tmp_path / "cache"
+    expected = reference(model, images)
+    first = sharded(model, images, cache)
+    assert first.dtype == np.float32 and first.tobytes() == expected.tobytes()
+    files = shard_files(cache)
+    assert [f.name for f in files] == [f"shard-{s:05d}.h5" for s in range(N_SHARDS)]
+    counter = Counter(model)
+    with caplog.at_level(logging.INFO, logger="isc.evaluation.shards"):
+        second = sharded(model, images, cache)
+    assert counter.images == 0
+    assert second.tobytes() == expected.tobytes()
+    assert f"reused {N_SHARDS} of {N_SHARDS} shards ({N_IMAGES} images)" in caplog.text
+
+
+def test_splits_share_a_cache_without_clashing(tmp_path: Path, images: list[Path]) -> None:
+    model, cache = tiny_net(), tmp_path / "cache"
+    queries = write_images(tmp_path / "queries", 12)[::-1]
+    expected = reference(model, images), reference(model, queries)
+    sharded(model, images, cache)
+    sharded(model, queries, cache)
+    counter = Counter(model)
+    assert sharded(model, images, cache).tobytes() == expected[0].tobytes()
+    assert sharded(model, queries, cache).tobytes() == expected[1].tobytes()
+    assert counter.images == 0
+    assert len({f.parent for f in shard_files(cache)}) == 2
+
+
+def test_shard_size_is_rounded_to_batches(tmp_path: Path, images: list[Path]) -> None:
+    model = tiny_net()
+    out = sharded(model, images, tmp_path / "cache", shard_size=6)  # -> 8, batch boundaries kept
+    assert out.tobytes() == reference(model, images).tobytes()
+    assert len(shard_files(tmp_path / "cache")) == N_SHARDS
+
+
+def test_changed_image_recomputes_only_its_shard(tmp_path: Path, images: list[Path]) -> None:
+    model, cache = tiny_net(), tmp_path / "cache"
+    sharded(model, images, cache)
+    Image.fromarray(np.full((SIZE, SIZE, 3), 7, dtype=np.uint8)).save(images[13])  # shard 1
+    os.utime(images[13], ns=(10**18, 10**18))  # a new mtime even on a coarse-clock file system
+    counter = Counter(model)
+    out = sharded(model, images, cache)
+    assert counter.images == SHARD
+    assert out.tobytes() == reference(model, images).tobytes()
+
+
+def test_changed_weights_or_list_recompute(tmp_path: Path, images: list[Path]) -> None:
+    model, cache = tiny_net(), tmp_path / "cache"
+    sharded(model, images, cache)
+    with torch.no_grad():
+        model.conv.bias[0] += 0.5
+    counter = Counter(model)
+    out = sharded(model, images, cache)
+    assert counter.images == N_IMAGES
+    assert out.tobytes() == reference(model, images).tobytes()
+
+    counter.images = 0
+    shifted = images[1:]  # every shard now starts one image later
+    out = sharded(model, shifted, cache)
+    assert counter.images == len(shifted)
+    assert out.tobytes() == reference(model, shifted).tobytes()
+
+    counter.images = 0
+    swapped = [*images[:SHARD], *images[SHARD:][::-1]]  # shards 1.. hold other files
+    sharded(model, images, cache)
+    counter.images = 0
+    sharded(model, swapped, cache)
+    assert counter.images == N_IMAGES - SHARD
+
+
+def test_corrupt_shard_is_recomputed_with_a_warning(
+    tmp_path: Path, images: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    model, cache = tiny_net(), tmp_path / "cache"
+    expected = sharded(model, images, cache)
+    files = shard_files(cache)
+    data = files[2].read_bytes()
+    files[2].write_bytes(data[: len(data) // 2])  # truncated
+    files[4].write_bytes(b"not an hdf5 file")
+    counter = Counter(model)
+    with caplog.at_level(logging.WARNING, logger="isc.evaluation.shards"):
+        out = sharded(model, images, cache)
+    assert counter.images == 2 * SHARD
+    assert out.tobytes() == expected.tobytes()
+    assert sum("unreadable" in r.getMessage() for r in caplog.records) == 2
+    counter.images = 0
+    sharded(model, images, cache)  # repaired
+    assert counter.images == 0
+
+
+def test_crash_mid_shard_keeps_finished_shards(tmp_path: Path, images: list[Path]) -> None:
+    model, cache = tiny_net(), tmp_path / "cache"
+    counter = Counter(model, fail_after=3 * SHARD + BATCH)  # second batch of shard 3
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sharded(model, images, cache)
+    counter.handle.remove()
+    assert [f.name for f in shard_files(cache)] == [f"shard-{s:05d}.h5" for s in range(3)]
+    assert not [p for p in cache.rglob("*") if p.is_file() and not p.name.startswith("shard-")]
+    counter = Counter(model)
+    out = sharded(model, images, cache)
+    assert counter.images == N_IMAGES - 3 * SHARD
+    assert out.tobytes() == reference(model, images).tobytes()
+
+
+def test_sigkilled_run_resumes(tmp_path: Path, images: list[Path]) -> None:
+    cache = tmp_path / "cache"
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, __file__, str(images[0].parent), str(cache)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(shard_files(cache)) < 2:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the extraction script wrote no shards in time"
+            time.sleep(0.02)
+        assert proc.poll() is None, "the script finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(shard_files(cache))
+    assert 2 <= done < N_SHARDS
+    model = tiny_net()
+    counter = Counter(model)
+    out = sharded(model, images, cache)
+    assert counter.images == N_IMAGES - done * SHARD
+    assert out.tobytes() == reference(model, images).tobytes()
+
+
+def _slow_extraction(folder: str, cache: str) -> None:
+    """What the SIGKILL test runs: the same model and settings, slowed by a sleep before each batch."""
+    model = tiny_net()
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.3))
+    paths = sorted(Path(folder).glob("*.png"))
+    sharded(model, paths, Path(cache))
+
+
+if __name__ == "__main__":
+    _slow_extraction(sys.argv[1], sys.argv[2])
