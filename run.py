@@ -540,6 +540,7 @@ def train(cfg: DictConfig) -> dict[str, object]:
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     finally:
+        _write_training_skips(cfg, trainer, datamodule, callbacks)
         for logger in loggers:
             if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
                 logger.experiment.finish()
@@ -548,6 +549,21 @@ def train(cfg: DictConfig) -> dict[str, object]:
         write_json(Path(cfg.paths.output_dir) / "metrics.json", metrics)
         _print_training_summary(cfg, callbacks)
     return metrics
+
+
+def _write_training_skips(
+    cfg: DictConfig, trainer: object, datamodule: object, callbacks: list[object]
+) -> None:
+    """``skipped_images.csv`` in the run dir: what ``dataset.skip_bad_images`` left out of this run."""
+    if not getattr(trainer, "is_global_zero", True):
+        return
+    log_ = SkippedImages(Path(cfg.paths.output_dir) / "skipped_images.csv")
+    log_.add("train", getattr(datamodule, "skipped", []))
+    for cb in callbacks:
+        for split, path, reason in getattr(cb, "skipped", []):
+            log_.add(f"val/{split}", [(path, reason)])
+    if log_.rows:
+        log.warning("%d unreadable image(s) were skipped, listed in %s", len(log_.rows), log_.path)
 
 
 def _print_training_summary(cfg: DictConfig, callbacks: list[object]) -> None:

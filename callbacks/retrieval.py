@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch import nn
 
-from isc.data.images import Disc21Layout
+from isc.data.images import Disc21Layout, screen_images
 from isc.evaluation.extract import extract_descriptors, image_dataset
 from isc.evaluation.pipeline import EvaluationSettings, MatchingResult, headline_metrics, match_descriptors
 
@@ -61,6 +61,7 @@ class RetrievalEvaluation(L.Callback):
         every_n_epochs: int = 1,
         evaluate_before_training: bool = True,
         gallery_queries: int = 6,
+        skip_bad: bool = False,
     ) -> None:
         super().__init__()
         self.root = root
@@ -74,6 +75,9 @@ class RetrievalEvaluation(L.Callback):
         self.baseline: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self._layout: Disc21Layout | None = None
+        self.skip_bad = skip_bad
+        self.skipped: list[tuple[str, Path, str]] = []  # (split, path, reason) left out with skip_bad
+        self._screened: dict[str, list[Path]] | None = None
 
     # -- hooks ---------------------------------------------------------------------------------------
 
@@ -109,8 +113,20 @@ class RetrievalEvaluation(L.Callback):
 
     @property
     def _paths(self) -> dict[str, list[Path]]:
-        """The images evaluated per split (``evaluation.max_training`` caps training)."""
-        return self.settings.split_paths(self.layout)
+        """The images evaluated per split (``evaluation.max_training`` caps training), checked once.
+
+        Unreadable ones stop the run before training, or with ``skip_bad`` are left out and listed in
+        ``skipped``, as ``task=evaluate`` does.
+        """
+        if self._screened is None:
+            screened = {}
+            for split, files in self.settings.split_paths(self.layout).items():
+                screened[split], bad = screen_images(
+                    files, f"{split}/ of {self.layout.root}", skip_bad=self.skip_bad
+                )
+                self.skipped += [(split, p, reason) for p, reason in bad]
+            self._screened = screened
+        return self._screened
 
     @property
     def layout(self) -> Disc21Layout:

@@ -8,13 +8,14 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 
 from isc.augment import ImagePool, Transform, with_default_source
 from isc.data.benchmark import package_photos
 from isc.data.copies import EpochLoader, GeneratedCopiesDataset, OnlineCopiesDataset, PKSampler
-from isc.data.images import find_images
+from isc.data.images import find_images, screen_images
 
 
 def train_transform(image_size: int, pad: int = 10) -> T.Compose:
@@ -43,6 +44,9 @@ class CopiesDataModule(L.LightningDataModule):
       without a source (``paste_source: null``) paste these same training images, as D2LV pastes real
       photos; an explicit ``paste_source`` is kept, and textures remain only for recipes used alone.
 
+    Every image is checked before training (:func:`isc.data.images.screen_images`): an unreadable one
+    stops the run at once, or with ``skip_bad`` is left out and kept in ``skipped``.
+
     Batches hold ``p`` classes x ``k`` members; under DDP each rank draws its own classes. Every epoch
     draws new classes, copies and batches, and is a pure function of ``(seed, epoch, rank)``: the
     loader (:class:`isc.data.copies.EpochLoader`) takes the trainer's epoch at the first batch and
@@ -66,6 +70,7 @@ class CopiesDataModule(L.LightningDataModule):
         num_workers: int = 4,
         seed: int = 0,
         paste_from_sources: bool = True,
+        skip_bad: bool = False,
     ) -> None:
         super().__init__()
         if (generated is None) == (sources is None):
@@ -79,6 +84,8 @@ class CopiesDataModule(L.LightningDataModule):
         self.steps_per_epoch, self.max_classes = steps_per_epoch, max_classes
         self.num_workers, self.seed = num_workers, seed
         self.paste_from_sources = paste_from_sources
+        self.skip_bad = skip_bad
+        self.skipped: list[tuple[Path, str]] = []  # unreadable files left out (skip_bad)
         self.dataset: GeneratedCopiesDataset | OnlineCopiesDataset | None = None
 
     def _source_list(self) -> list[Any]:
@@ -94,11 +101,25 @@ class CopiesDataModule(L.LightningDataModule):
         if self.dataset is not None:
             return
         transform = train_transform(self.image_size)
+        workers = max(8, self.num_workers)
         if self.generated is not None:
-            self.dataset = GeneratedCopiesDataset(self.generated, transform, max_classes=self.max_classes)
+            dataset = GeneratedCopiesDataset(self.generated, transform, max_classes=self.max_classes)
+            _, self.skipped = screen_images(
+                dataset.paths, f"data.generated={self.generated}", skip_bad=self.skip_bad, num_workers=workers
+            )
+            if self.skipped:  # list again without them (a class left with one member drops out)
+                exclude = {p for p, _ in self.skipped}
+                dataset = GeneratedCopiesDataset(self.generated, transform, self.max_classes, exclude)
+            self.dataset = dataset
         else:
             assert self.recipe is not None
             sources = self._source_list()[: self.max_classes]
+            files = [s for s in sources if not isinstance(s, Image.Image)]
+            _, self.skipped = screen_images(
+                files, f"data.sources={self.sources}", skip_bad=self.skip_bad, num_workers=workers
+            )
+            bad = {p for p, _ in self.skipped}
+            sources = [s for s in sources if isinstance(s, Image.Image) or s not in bad]
             recipe = self.recipe
             if self.paste_from_sources:  # D2LV pastes real photos, not textures: the training images
                 recipe = with_default_source(recipe, ImagePool(sources))

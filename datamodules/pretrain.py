@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from isc.data.images import IMAGE_EXTENSIONS, ImageFolderDataset
+from isc.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, screen_images
 from isc.data.images import find_images as isc_find_images
 from isc.train.views import TwoViews
 
@@ -52,7 +52,8 @@ class PretrainDataModule(L.LightningDataModule):
     """Every image under ``root`` seen through ``views`` (default: BYOL's asymmetric pair at ``image_size``).
 
     ``max_images`` keeps an evenly spaced subset (quick runs on DISC21's million); ``skip_bad`` decodes
-    every image once up front and drops unreadable ones instead of failing mid-epoch. ``batch_size`` is
+    every image once up front and drops unreadable ones (kept in ``skipped``) instead of failing mid-epoch;
+    without it the pre-pass (:func:`isc.data.images.screen_images`) stops at a bad file before training. ``batch_size`` is
     per process; ``pin_memory: null`` pins only when CUDA is present.
     """
 
@@ -81,6 +82,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
         self.train_dataset: ImageFolderDataset | None = None
+        self.skipped: list[tuple[Path, str]] = []  # unreadable files left out (skip_bad)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
@@ -89,10 +91,11 @@ class PretrainDataModule(L.LightningDataModule):
         if self.max_images is not None and len(paths) > self.max_images:
             step = len(paths) / self.max_images
             paths = [paths[int(i * step)] for i in range(self.max_images)]
-        ids = [str(p.relative_to(self.root)) for p in paths]
-        self.train_dataset = ImageFolderDataset(
-            paths, ids=ids, transform=self.views, skip_bad=self.skip_bad, num_workers=self.num_workers
+        paths, self.skipped = screen_images(
+            paths, f"data.root={self.root}", skip_bad=self.skip_bad, num_workers=max(8, self.num_workers)
         )
+        ids = [str(p.relative_to(self.root)) for p in paths]
+        self.train_dataset = ImageFolderDataset(paths, ids=ids, transform=self.views)
         log.info("pretraining on %d images under %s", len(self.train_dataset), self.root)
 
     def train_dataloader(self) -> DataLoader:

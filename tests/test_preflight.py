@@ -147,14 +147,14 @@ def test_empty_queries_without_ground_truth_stop_before_the_other_splits(
 def test_skip_bad_images_lists_what_it_skipped_in_the_run_dir(bench: Path, tmp_path: Path) -> None:
     data = (bench / "training" / "T000002.png").read_bytes()
     (bench / "training" / "T000002.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut
-    (bench / "references" / "R000015.png").write_text("junk")  # no query matches R000015
+    (bench / "references" / "R000013.png").write_text("junk")  # no query matches R000013
     out = tmp_path / "run"
     metrics = run.evaluate(_cfg([f"dataset.root={bench}", "dataset.skip_bad_images=true"], out))
     assert metrics["skipped_images"] == {"references": 1, "queries": 0, "training": 1}
     with open(out / "skipped_images.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {(r["split"], Path(r["path"]).name) for r in rows} == {
-        ("references", "R000015.png"),
+        ("references", "R000013.png"),
         ("training", "T000002.png"),
     }
     assert json.loads((out / "metrics.json").read_text())["skipped_images"]["training"] == 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ __all__ = ["EpochLoader", "GeneratedCopiesDataset", "OnlineCopiesDataset", "PKSa
 class GeneratedCopiesDataset(Dataset):
     """A generated set (``root/<class_id>/NN.jpg``, see :mod:`isc.data.generate`) as ``(image, class_index)``.
 
-    ``classes`` may cap how many classes are used (the first ones in sorted order) for quick runs.
+    ``classes`` may cap how many classes are used (the first ones in sorted order) for quick runs;
+    ``exclude`` leaves out files (unreadable ones a skip-and-count run found).
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class GeneratedCopiesDataset(Dataset):
         root: str | os.PathLike[str],
         transform: Callable[[Image.Image], Any] | None = None,
         max_classes: int | None = None,
+        exclude: Collection[Path] = (),
     ) -> None:
         root = Path(root)
         if not root.is_dir():
@@ -53,7 +55,7 @@ class GeneratedCopiesDataset(Dataset):
             members = sorted(
                 p
                 for p in class_dir.iterdir()
-                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p not in exclude
             )
             if len(members) < 2:
                 continue  # a class needs at least two members to give a positive pair

@@ -41,6 +41,7 @@ __all__ = [
     "list_images",
     "load_image",
     "scan_images",
+    "screen_images",
     "to_rgb",
 ]
 
@@ -364,19 +365,20 @@ def check_images(
     what: str,
     *,
     skip_bad: bool = False,
+    ids: bool = True,
     num_workers: int = 8,
     progress: bool = True,
     max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The pre-pass every task runs before heavy work: ``(good_paths, [(bad_path, reason), ...])``.
 
-    File names must make valid ids (the official CSV and HDF5 formats hold ASCII without whitespace,
-    commas or quotes): a bad name is always an error naming the file. Unreadable files (see
+    With ``ids``, file names must make valid ids (the official CSV and HDF5 formats hold ASCII without
+    whitespace, commas or quotes): a bad name is always an error naming the file. Unreadable files (see
     :func:`_quick_problem`) are an error listing them, or with ``skip_bad`` dropped and returned.
     ``what`` names the files in messages (e.g. ``"training/ of /data/disc21"``).
     """
     files = [Path(p) for p in paths]
-    bad_names = [p for p in files if not p.stem.isascii() or _BAD_ID.search(p.stem)]
+    bad_names = [p for p in files if ids and (not p.stem.isascii() or _BAD_ID.search(p.stem))]
     if bad_names:
         shown = ", ".join(repr(p.name) for p in bad_names[:_FIRST_FEW])
         raise ValueError(
@@ -406,6 +408,21 @@ def check_images(
     if bad:
         log.warning("%s: skipping %d of %d unreadable image(s)", what, len(bad), len(files))
     good = [p for p, r in zip(files, problems, strict=True) if r is None]
+    return good, bad
+
+
+def screen_images(
+    paths: Sequence[str | os.PathLike[str]], what: str, *, skip_bad: bool, num_workers: int = 8
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Training images a run can use: the pre-pass, then with ``skip_bad`` a full decode of the rest.
+
+    Without ``skip_bad`` a file the pre-pass finds unreadable stops the run before training (one
+    corrupt mid-file would still fail when loaded); with it, nothing unreadable reaches an epoch.
+    """
+    good, bad = check_images(paths, what, skip_bad=skip_bad, ids=False, num_workers=num_workers)
+    if skip_bad:
+        good, more = scan_images(good, skip_bad=True, num_workers=num_workers)
+        bad += more
     return good, bad
 
 
