@@ -39,7 +39,7 @@ def _benchmark(root: Path, n_refs: int = 48, n_queries: int = 48, n_train: int =
     return root
 
 
-def _command(bench: Path, out: Path, cache: Path | None) -> list[str]:
+def _command(bench: Path, out: Path, cache: Path | None, workers: int = 0) -> list[str]:
     return [
         sys.executable,
         "run.py",
@@ -48,7 +48,7 @@ def _command(bench: Path, out: Path, cache: Path | None) -> list[str]:
         f"evaluation.cache_dir={cache if cache else 'null'}",
         "evaluation.shard_size=8",
         "evaluation.batch_size=8",
-        "evaluation.num_workers=0",
+        f"evaluation.num_workers={workers}",
         "evaluation.image_size=160",
         f"hydra.run.dir={out}",
     ]
@@ -67,12 +67,21 @@ def _run(command: list[str], tmp: Path) -> str:
     return done.stdout + done.stderr
 
 
+def _alive(session: int) -> bool:
+    """Whether any process of the process group ``session`` (started with start_new_session) lives on."""
+    try:
+        os.killpg(session, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.timeout(600)
 def test_a_killed_evaluate_resumes_from_its_shards_to_the_same_bytes(tmp_path: Path) -> None:
     bench = _benchmark(tmp_path / "bench")
     cache = tmp_path / "shards"
     killed = subprocess.Popen(
-        _command(bench, tmp_path / "killed", cache),
+        _command(bench, tmp_path / "killed", cache, workers=2),  # DataLoader workers must die too
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -86,6 +95,10 @@ def test_a_killed_evaluate_resumes_from_its_shards_to_the_same_bytes(tmp_path: P
         time.sleep(0.01)
     os.kill(killed.pid, signal.SIGKILL)
     assert killed.wait(timeout=30) == -signal.SIGKILL
+    deadline = time.monotonic() + 15  # torch's workers notice a dead parent within ~5 s
+    while _alive(killed.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(killed.pid), "processes of the killed run are still alive"
     finished_before = sorted(p.relative_to(cache) for p in cache.rglob("shard-*.h5"))
     assert not list((tmp_path / "killed").glob("predictions.csv")), "a killed run wrote no outputs"
     assert not [p for p in cache.rglob("*") if p.is_file() and not p.name.startswith("shard-")], "temp files"
