@@ -559,9 +559,12 @@ def _write_training_skips(
         return
     log_ = SkippedImages(Path(cfg.paths.output_dir) / "skipped_images.csv")
     log_.add("train", getattr(datamodule, "skipped", []))
+    by_split: dict[str, list[tuple[Path, str]]] = {}
     for cb in callbacks:
         for split, path, reason in getattr(cb, "skipped", []):
-            log_.add(f"val/{split}", [(path, reason)])
+            by_split.setdefault(f"val/{split}", []).append((path, reason))
+    for split, bad in by_split.items():
+        log_.add(split, bad)
     if log_.rows:
         log.warning("%d unreadable image(s) were skipped, listed in %s", len(log_.rows), log_.path)
 
