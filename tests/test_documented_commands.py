@@ -238,6 +238,7 @@ BENCH_QUICK = {  # the same scripts on toy sizes: these tests check that they ru
         "10000",
     ],
     "bench_pretrain.py": ["--size", "32", "--batch", "2", "--steps", "1"],
+    "bench_prepass.py": ["--images", "20", "--size", "64x48"],
 }
 
 
