@@ -99,6 +99,9 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
     if settings.descriptors:
         ids, descriptors, skipped = read_descriptor_file(settings.descriptors)
         check_descriptor_ids(ids, layout)
+        if "training" in ids and settings.max_training is not None:  # as split_paths: the first N by id
+            keep = np.sort(np.argsort(ids["training"], kind="stable")[: settings.max_training])
+            ids["training"], descriptors["training"] = ids["training"][keep], descriptors["training"][keep]
         settings.for_training_set(len(ids.get("training", ())))
         paths = settings.split_paths(layout)  # the report shows the images the ids name
     else:

@@ -178,3 +178,31 @@ def test_an_all_zero_descriptor_file_is_refused_before_matching(benchmark: Path,
     with pytest.raises(ValueError, match=r"zero\.h5.*16 of 16 query descriptor\(s\) are all zeros"):
         evaluate([f"dataset.root={benchmark}", f"evaluation.descriptors={tmp_path / 'zero.h5'}"], out)
     assert not (out / "metrics.json").exists()
+
+
+def test_max_training_caps_the_training_split_of_a_descriptor_file(benchmark: Path, tmp_path: Path) -> None:
+    """As for extracted descriptors: post-processing is fitted on the first N training images by id."""
+    q_ids, q, r_ids, r = perfect_descriptors(benchmark)
+    rng = np.random.default_rng(0)
+    q = q + 0.3 * rng.normal(size=q.shape).astype(np.float32)  # imperfect: the training bias matters
+    t = rng.normal(size=(N_TRAIN, q.shape[1])).astype(np.float32)
+    t_ids = [f"T{i:06d}" for i in range(N_TRAIN)][::-1]  # stored out of order: the cap goes by id
+    write_descriptors(tmp_path / "all.h5", q_ids, q, r_ids, r, t_ids, t, max_dim=None)
+    first = [N_TRAIN - 1 - i for i in range(3)]  # rows of T000000..T000002
+    write_descriptors(
+        tmp_path / "first3.h5", q_ids, q, r_ids, r, [t_ids[i] for i in first], t[first], max_dim=None
+    )
+    args = [f"dataset.root={benchmark}", "evaluation.score_normalization.k=2"]
+    capped = evaluate(
+        [*args, f"evaluation.descriptors={tmp_path / 'all.h5'}", "evaluation.max_training=3"], tmp_path / "a"
+    )
+    three = evaluate([*args, f"evaluation.descriptors={tmp_path / 'first3.h5'}"], tmp_path / "b")
+    evaluate([*args, f"evaluation.descriptors={tmp_path / 'all.h5'}"], tmp_path / "c")  # uncapped
+    for key in ("uAP", "recall_at_p90", "uAP_raw"):
+        assert capped[key] == three[key]
+    assert len(read_descriptors(tmp_path / "c" / "descriptors.h5").training_ids) == N_TRAIN
+    assert read_descriptors(tmp_path / "a" / "descriptors.h5").training_ids.tolist() == [
+        "T000000",
+        "T000001",
+        "T000002",
+    ]
