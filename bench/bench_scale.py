@@ -17,7 +17,7 @@ phase in its own freshly spawned process so that its peak RSS (``ru_maxrss``) is
 - ``predict d2lv``: D2LV's post-processing without ground truth (``task=predict``: one search, no metrics);
 - ``test-stage block``: D2LV's local verification for one reference block (``evaluation.reference_block``
   images and their 18 crops), in the shape of ``_search_model`` in ``isc/evaluation/inference.py``: query
-  views post-processed and kept (with their raw copies, as the test stage keeps them), the block whitened,
+  views post-processed and kept (their raw copies freed, as the test stage frees them), the block whitened,
   searched by every view, the original views searched against the block with its crops, the running top-k
   merged (``merge_topk``), then the candidate rows penalised and aggregated (``aggregate_pairs(top=2)``).
 
@@ -483,8 +483,7 @@ def run_block(args: Ns, files: Files) -> PhaseResult:
         return np.asarray(l2_normalize(np.ascontiguousarray(whitening.transform(x), dtype=np.float32)))
 
     post_training = apply(training)
-    raw_views = _read(files.raw("views"), n_v, d)  # the test stage keeps the extracted views (q.per_scale)
-    views = apply(raw_views)
+    views = apply(_read(files.raw("views"), n_v, d))  # _search_model frees the raw views (q.per_scale)
     bias = query_bias(views, post_training, k=10, beta=2.0)
     owner = np.repeat(np.arange(n_q), args.views)
     original = np.arange(n_q) * args.views
@@ -725,7 +724,7 @@ def print_block(args: Ns, block: PhaseResult) -> None:
             f"held after {s.held_mb:8,.0f} MB"
         )
     print(
-        f"  state kept across blocks (training, raw + post-processed views, top-k): {held:,.0f} MB; "
+        f"  state kept across blocks (training, post-processed views, top-k): {held:,.0f} MB; "
         f"the block adds {block_peak - held:,.0f} MB at its peak "
         f"({(block_peak - held) * MB / (b * c * args.dim * 4):.2f} x its {b * c * args.dim * 4 / MB:,.0f} MB "
         f"of {c}-view descriptors); aggregation {per_row:.0f} B a candidate row (numpy traced)"
@@ -748,13 +747,11 @@ def print_block(args: Ns, block: PhaseResult) -> None:
     terms = memory_terms(full, per_row)
     search = sum(t[3] for t in terms if t[0] == "search")
     aggregate = sum(t[3] for t in terms if t[0] == "aggregate")
-    raw_views = full.queries * full.views * full.scales * args.dim * 4
     full_block_model = sum(t[3] for t in terms if t[0] == "search" and t[2] == "block")
     measured_block = (block_peak - held) * MB * (full.block / b)
-    corrected = search - full_block_model + measured_block + raw_views
+    corrected = search - full_block_model + measured_block
     print(
-        f"  corrections from this run: + raw query views kept by _search_model (q.per_scale, "
-        f"q*v*s*d*4) {raw_views / MB:,.0f} MB; block measured {(block_peak - held):,.0f} MB here vs "
+        f"  correction from this run: block measured {(block_peak - held):,.0f} MB here vs "
         f"{modelled_block / MB:,.0f} MB modelled -> at block {full.block:,}: {measured_block / MB:,.0f} MB "
         f"instead of {full_block_model / MB:,.0f}: search phase {corrected / MB:,.0f} MB "
         f"(aggregation phase {aggregate / MB:,.0f} MB as modelled)"

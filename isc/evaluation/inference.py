@@ -373,6 +373,9 @@ def _search_model(
     q_entries = _entries(q.per_scale, s.multiscale)
     post = [_PostProcess.fit(training[e] if training else None, s) for e in range(len(q_entries))]
     queries = [pp.apply(x) for pp, x in zip(post, q_entries, strict=True)]
+    n_entries = len(q_entries)
+    del q_entries
+    q.per_scale = []  # raw views are not needed past post-processing: free them before the reference loop
     biases = [
         query_bias(
             x, pp.training, k=s.score_normalization.k, beta=s.score_norm_beta, backend=s.search_backend
@@ -382,7 +385,7 @@ def _search_model(
         for pp, x in zip(post, queries, strict=True)
     ]
     t = q.model_seconds  # forward seconds per scale; a mean entry costs every scale
-    forward = np.r_[t[0], t.sum()] if len(q_entries) == 2 and s.multiscale == "mean" else t[: len(q_entries)]
+    forward = np.r_[t[0], t.sum()] if n_entries == 2 and s.multiscale == "mean" else t[:n_entries]
     original = np.flatnonzero([v.kind == "original" for views in q.views for v in views])
     n_views = len(q.owner)
 
