@@ -257,7 +257,7 @@ def _evaluate_test_stage(
         skip_log.add(split, listing.skipped)
         skipped[split] = skip_log.count(split)
     started = time.perf_counter()
-    result = run_test_stage(models, paths, ids, settings, ground_truth)
+    result = run_test_stage(models, paths, ids, settings, ground_truth, descriptor_cache(cfg, settings))
     log.info("test stage took %.1f s", time.perf_counter() - started)
     out_dir = Path(cfg.paths.output_dir)
     q_ids, r_ids = np.asarray(ids["queries"]), np.asarray(ids["references"])

@@ -406,3 +406,49 @@ def test_descriptor_track_limit_is_checked_before_extraction(photo_benchmark, tm
     with pytest.raises(ValueError, match="1280 dims but evaluation.descriptor_track_max_dim=256"):
         run.evaluate(cfg)
     assert not (out / "predictions.csv").exists()
+
+
+def _same_result(a, b) -> None:
+    for x, y in zip(a.stages, b.stages, strict=True):
+        assert x.name == y.name
+        assert x.predictions.query_ids.tolist() == y.predictions.query_ids.tolist()
+        assert x.predictions.reference_ids.tolist() == y.predictions.reference_ids.tolist()
+        np.testing.assert_array_equal(x.predictions.scores, y.predictions.scores)
+    np.testing.assert_array_equal(a.query_descriptors, b.query_descriptors)
+    np.testing.assert_array_equal(a.reference_descriptors, b.reference_descriptors)
+    assert a.query_views == b.query_views and a.reference_sizes == b.reference_sizes
+
+
+def test_the_test_stage_resumes_from_its_cache(full_run, tmp_path: Path) -> None:
+    """Each extraction (training, query views, every reference block and its crops) is kept as it
+    finishes: a run killed in block 2 keeps the rest, and its rerun gives the uncached result."""
+    result, paths, ids, gt = full_run
+    settings = _settings(reference_block=3)
+    model, calls = _model(), []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    fresh = run_test_stage([model], paths, ids, settings, gt)  # no cache
+    n_forward = len(calls)
+
+    cache = tmp_path / "cache"
+    files = lambda: sorted(p.name.rsplit("-", 1)[0] for p in cache.rglob("*.h5"))  # noqa: E731
+    calls.clear()
+    first = run_test_stage([model], paths, ids, settings, gt, cache_dir=cache)
+    assert len(calls) == n_forward  # a cold cache computes everything once
+    names = files()
+    assert names[:2] == ["queries", "references-000000000"] and "training" in names
+    assert "references-000000003-crops" in names
+    _same_result(first, fresh)
+
+    calls.clear()
+    again = run_test_stage([model], paths, ids, settings, gt, cache_dir=cache)
+    assert calls == []  # every extraction read back: no forward pass at all
+    _same_result(again, fresh)
+
+    for p in cache.rglob("references-000000003*.h5"):  # as if killed before the second block finished
+        p.unlink()
+    (next(cache.rglob("queries-*.h5"))).write_bytes(b"truncated")  # and a corrupt piece
+    calls.clear()
+    resumed = run_test_stage([model], paths, ids, settings, gt, cache_dir=cache)
+    assert 0 < len(calls) < n_forward
+    _same_result(resumed, fresh)
+    assert files() == names

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import os
 import time
@@ -49,6 +51,7 @@ from isc.evaluation.metrics import Metrics, evaluate
 from isc.evaluation.pipeline import Ensemble, EvaluationSettings
 from isc.evaluation.postprocess import PCAWhitening, l2_normalize, query_bias
 from isc.evaluation.search import knn
+from isc.evaluation.shards import cached_arrays, listing_fingerprint, model_fingerprint, stable_repr
 from isc.evaluation.views import View, apply_view, query_views, reference_views
 
 __all__ = ["ConcatModel", "StageOutcome", "TestStageResult", "run_test_stage"]
@@ -122,8 +125,97 @@ class _Extracted:
     view_seconds: float
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class _Cache:
+    """Where one model's test-stage extractions go (``evaluation.cache_dir``), so a killed run resumes."""
+
+    directory: Path
+    model_key: str  # isc.evaluation.shards.model_fingerprint of the model
+
+
+def _views_key(views_of: ViewsOf | Sequence[list[View]]) -> str:
+    """What decides the views: the function and its settings, or the precomputed views themselves."""
+    if callable(views_of):
+        return stable_repr(views_of)
+    return hashlib.sha256(
+        repr([[dataclasses.astuple(v) for v in vs] for vs in views_of]).encode()
+    ).hexdigest()
+
+
+def _pack(e: _Extracted) -> dict[str, np.ndarray]:
+    flat = [v for vs in e.views for v in vs]
+    return {
+        **{f"scale{i}": x for i, x in enumerate(e.per_scale)},
+        "view_kind": np.array([v.kind for v in flat], dtype="S16"),
+        "view_box": np.array([v.box for v in flat], dtype=np.int64).reshape(-1, 4),
+        "view_rotation": np.array([v.rotation for v in flat], dtype=np.int64),
+        "views_per_image": np.array([len(vs) for vs in e.views], dtype=np.int64),
+        "sizes": np.array(e.sizes, dtype=np.int64).reshape(-1, 2),
+        "owner": e.owner,
+        "model_seconds": e.model_seconds,
+        "view_seconds": np.array(e.view_seconds),
+    }
+
+
+def _unpack(a: Mapping[str, np.ndarray]) -> _Extracted:
+    flat = [
+        View(kind.decode(), tuple(int(c) for c in box), int(rot))  # type: ignore[arg-type]
+        for kind, box, rot in zip(a["view_kind"], a["view_box"], a["view_rotation"], strict=True)
+    ]
+    ends = np.cumsum(a["views_per_image"])
+    views = [flat[end - n : end] for n, end in zip(a["views_per_image"], ends, strict=True)]
+    return _Extracted(
+        [a[f"scale{i}"] for i in range(len(a["model_seconds"]))],
+        views,
+        [(int(w), int(h)) for w, h in a["sizes"]],
+        a["owner"],
+        a["model_seconds"],
+        float(a["view_seconds"]),
+    )
+
+
 def _extract(
+    model: nn.Module,
+    paths: Sequence[Path],
+    scales: Sequence[int],
+    views_of: ViewsOf | Sequence[list[View]],
+    settings: EvaluationSettings,
+    views_per_image: int,
+    desc: str,
+    cache: _Cache | None = None,
+    name: str = "",
+) -> _Extracted:
+    """Every view of every image at every scale; through ``cache`` when given (read back if it matches)."""
+    if cache is None:
+        return _extract_now(model, paths, scales, views_of, settings, views_per_image, desc)
+    key = {
+        "format": "isc-test-stage-v1",
+        "model": cache.model_key,
+        "images": listing_fingerprint(paths, image_size=None),
+        "settings": json.dumps(
+            {
+                "scales": list(scales),
+                "views": _views_key(views_of),
+                "batch_size": settings.batch_size,
+                "views_per_image": views_per_image,
+                "device": str(resolve_device(settings.device).type),
+                "torch": torch.__version__,
+            },
+            sort_keys=True,
+        ),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache.directory / cache.model_key[:16] / f"{name}-{digest}.h5"
+    arrays = cached_arrays(
+        path,
+        key,
+        lambda: _pack(_extract_now(model, paths, scales, views_of, settings, views_per_image, desc)),
+    )
+    return _unpack(arrays)
+
+
+@torch.no_grad()
+def _extract_now(
     model: nn.Module,
     paths: Sequence[Path],
     scales: Sequence[int],
@@ -274,8 +366,13 @@ def run_test_stage(
     ids: Mapping[str, Sequence[str]],
     settings: EvaluationSettings,
     ground_truth: GroundTruth | None = None,
+    cache_dir: Path | None = None,
 ) -> TestStageResult:
     """Score queries against references with every configured step; see the module docstring.
+
+    ``cache_dir``: every extraction (training, query views, each reference block and its crops, per
+    model) is kept there as it finishes, and a rerun with the same models, settings and images reads
+    it back instead: a killed run resumes where it stopped, to the same predictions and descriptors.
 
     ``paths`` / ``ids``: ``queries``, ``references`` and optionally ``training`` (already filtered of bad
     images). ``models``: one model, or the ensemble's (already combined into one :class:`ConcatModel` by
@@ -301,7 +398,10 @@ def run_test_stage(
     searched: _Searched | None = None
     for m, model in enumerate(models):
         tag = f"model {m + 1}/{len(models)}: " if len(models) > 1 else ""
-        one = _search_model(model, m, paths, scales, views_of, s, tag)
+        cache = (
+            None if cache_dir is None else _Cache(Path(cache_dir) / "test-stage", model_fingerprint(model))
+        )
+        one = _search_model(model, m, paths, scales, views_of, s, tag, cache)
         parts += one.candidates
         forward_seconds[m] = one.forward_seconds
         if searched is None:  # views are a function of the image: compute them once, reuse them
@@ -358,18 +458,20 @@ def _search_model(
     views_of: ViewsOf | Sequence[list[View]],
     s: EvaluationSettings,
     tag: str,
+    cache: _Cache | None = None,
 ) -> _Searched:
     """One model: training -> post-processing per entry -> query views -> references block by block."""
     lv = s.local_verification
     training = None
     if len(paths.get("training", ())):
         training = _entries(
-            _extract(model, paths["training"], scales, _original, s, 1, f"{tag}training").per_scale,
+            _extract(
+                model, paths["training"], scales, _original, s, 1, f"{tag}training", cache, "training"
+            ).per_scale,
             s.multiscale,
         )
-    q = _extract(
-        model, paths["queries"], scales, views_of, s, 1 if views_of is _original else 20, f"{tag}queries"
-    )
+    per_image = 1 if views_of is _original else 20
+    q = _extract(model, paths["queries"], scales, views_of, s, per_image, f"{tag}queries", cache, "queries")
     q_entries = _entries(q.per_scale, s.multiscale)
     post = [_PostProcess.fit(training[e] if training else None, s) for e in range(len(q_entries))]
     queries = [pp.apply(x) for pp, x in zip(post, q_entries, strict=True)]
@@ -402,7 +504,7 @@ def _search_model(
     for start in range(0, len(ref_paths), s.reference_block):
         block = ref_paths[start : start + s.reference_block]
         where = f"{tag}references {start}-{start + len(block)} of {len(ref_paths)}"
-        r = _extract(model, block, scales, _original, s, 1, where)
+        r = _extract(model, block, scales, _original, s, 1, where, cache, f"references-{start:09d}")
         sizes += r.sizes
         rows = n_ref_views + np.arange(len(block))
         ref_tables.append(np.stack([r.owner + start, np.zeros(len(block), dtype=np.int64)], axis=1))
@@ -415,7 +517,17 @@ def _search_model(
         if lv.reference_crops:
             # D2LV matches the original query against the 19 crops at its first scale only (Test/README.md:
             # "OQ+AR should NOT be repeated" at 200 / 320 px)
-            rc = _extract(model, block, scales[:1], _reference_crops, s, 18, f"{where}: 18 crops each")
+            rc = _extract(
+                model,
+                block,
+                scales[:1],
+                _reference_crops,
+                s,
+                18,
+                f"{where}: 18 crops each",
+                cache,
+                f"references-{start:09d}-crops",
+            )
             crop_index = np.concatenate([np.arange(1, len(v) + 1) for v in rc.views])
             crop_rows = n_ref_views + np.arange(len(crop_index))
             ref_tables.append(np.stack([rc.owner + start, crop_index], axis=1))

@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ from isc.evaluation.io import atomic_write
 
 __all__ = [
     "SHARD_FORMAT",
+    "cached_arrays",
+    "stable_repr",
     "extract_sharded",
     "listing_fingerprint",
     "model_fingerprint",
@@ -147,7 +149,8 @@ def _default_name(paths: Sequence[Path]) -> str:
     return f"{stem}-{hashlib.sha256(folder.encode()).hexdigest()[:8]}"
 
 
-def _describe(obj: object) -> str:
+def stable_repr(obj: object) -> str:
+    """``repr(obj)`` without memory addresses: the same text in every process, for cache keys."""
     return _ADDRESS.sub("", repr(obj))
 
 
@@ -197,6 +200,34 @@ def _sweep_stale_temps(directory: Path) -> None:
                 tmp.unlink()
         except FileNotFoundError:
             pass
+
+
+def cached_arrays(
+    path: str | os.PathLike[str], attrs: Mapping[str, str], compute: Callable[[], Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """The arrays stored at ``path`` when its attributes equal ``attrs`` (fingerprints), else ``compute()``'s.
+
+    For results that are not one row per image, such as the views of one reference block in the test
+    stage. Computed arrays are written atomically before they are returned, so a killed run keeps every
+    finished piece; an unreadable or stale file is recomputed and replaced, never trusted.
+    """
+    target = Path(path)
+    if target.is_file():
+        try:
+            with h5py.File(target, "r") as f:
+                if {k: f.attrs.get(k) for k in attrs} == dict(attrs):
+                    return {k: f[k][()] for k in f}
+            log.info("%s is stale (model, settings or images changed): recomputing", target)
+        except Exception as e:  # truncated or foreign file
+            log.warning("%s is unreadable (%s: %s): recomputing it", target, type(e).__name__, e)
+    arrays = {k: np.asarray(v) for k, v in compute().items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(target) as tmp, h5py.File(tmp, "w") as f:
+        for name, array in arrays.items():
+            f.create_dataset(name, data=array)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+    return arrays
 
 
 def _shard_view(dataset: ImageFolderDataset, start: int, stop: int) -> ImageFolderDataset:
@@ -254,7 +285,7 @@ def extract_sharded(
         "image_size": image_size,
         "extra": dict(extra or {}),
         "dataset": type(dataset).__qualname__,
-        "transform": _describe(getattr(dataset, "transform", None)),
+        "transform": stable_repr(getattr(dataset, "transform", None)),
         "batch_size": batch_size,
         "shard_size": shard_size,
         "device": dev.type if dev.type != "cuda" else f"cuda:{torch.cuda.get_device_name(dev)}",
