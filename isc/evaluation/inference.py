@@ -186,8 +186,9 @@ def _extract(
     name: str = "",
 ) -> _Extracted:
     """Every view of every image at every scale; through ``cache`` when given (read back if it matches)."""
+    compute = functools.partial(_extract_now, model, paths, scales, views_of, settings, views_per_image, desc)
     if cache is None:
-        return _extract_now(model, paths, scales, views_of, settings, views_per_image, desc)
+        return compute()
     key = {
         "format": "isc-test-stage-v1",
         "model": cache.model_key,
@@ -206,12 +207,7 @@ def _extract(
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = cache.directory / cache.model_key[:16] / f"{name}-{digest}.h5"
-    arrays = cached_arrays(
-        path,
-        key,
-        lambda: _pack(_extract_now(model, paths, scales, views_of, settings, views_per_image, desc)),
-    )
-    return _unpack(arrays)
+    return _unpack(cached_arrays(path, key, lambda: _pack(compute())))
 
 
 @torch.no_grad()
