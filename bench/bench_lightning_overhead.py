@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as L  # noqa: E402
 
-from isc.losses.metric import InfoNCEEntropyLoss  # noqa: E402
+from isc.losses.infonce_entropy import InfoNCEEntropyLoss  # noqa: E402
 from isc.models.pooling import GeM  # noqa: E402
 from isc.models.trunks import efficientnet_lite0  # noqa: E402
 from lightning_modules.copy_finetune import CopyFinetune  # noqa: E402

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from isc.evaluation.io import read_ground_truth, read_predictions, write_ground_truth, write_predictions
-from isc.evaluation.matches import GroundTruth, Predictions
 from isc.evaluation.metrics import evaluate
+from isc.formats.pair_csv import read_ground_truth, read_predictions, write_ground_truth, write_predictions
+from isc.formats.pairs import GroundTruth, Predictions
 
 
 def make_data(n_pred: int, n_queries: int, n_refs: int, seed: int = 0) -> tuple[GroundTruth, Predictions]:

@@ -1,8 +1,8 @@
 """Pre-pass benchmark: what checking every image before a run costs, against decoding every image.
 
-Every task runs :func:`isc.data.images.check_images` over its images before any model is built (headers
+Every task runs :func:`isc.data.images.screen_quick` over its images before any model is built (headers
 and JPEG/PNG end markers); ``dataset.skip_bad_images=true`` adds a full decode
-(:func:`isc.data.images.scan_images`). Both are measured in the same run on the same files, and their
+(:func:`isc.data.images.screen_decode`). Both are measured in the same run on the same files, and their
 ratio printed, with the extrapolation to a million images.
 
     .venv/bin/python bench/bench_prepass.py [--images 2000] [--size 640x480] [--pool DIR]
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from isc.data.images import check_images, find_images, scan_images
+from isc.data.images import find_images, screen_decode, screen_quick
 
 
 def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
@@ -56,9 +56,9 @@ def main() -> None:
         else:
             paths = find_images(args.pool)[: args.images]
             what = f"{len(paths)} images of {args.pool}"
-        timed(check_images, paths, "warm-up", ids=False, progress=False)  # page cache: both runs warm
-        prepass = timed(check_images, paths, "pre-pass", ids=False, num_workers=args.workers, progress=False)
-        decode = timed(scan_images, paths, skip_bad=True, num_workers=args.workers)
+        timed(screen_quick, paths, "warm-up", ids=False, progress=False)  # page cache: both runs warm
+        prepass = timed(screen_quick, paths, "pre-pass", ids=False, num_workers=args.workers, progress=False)
+        decode = timed(screen_decode, paths, skip_bad=True, num_workers=args.workers)
     n = len(paths)
     print(f"{what}, {args.workers} threads")
     print(f"  pre-pass (headers + end markers) {prepass:7.2f} s  {1e3 * prepass / n:6.3f} ms/image")

@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import isc.models.trunks as backbones  # noqa: E402
-from isc.losses.ssl import BarlowTwinsLoss, BYOLLoss  # noqa: E402
+from isc.losses.barlow_twins import BarlowTwinsLoss  # noqa: E402
+from isc.losses.byol import BYOLLoss  # noqa: E402
 from isc.train.optim import LARS, param_groups  # noqa: E402
 from lightning_modules.barlow_twins import BarlowTwins  # noqa: E402
 from lightning_modules.momentum2_teacher import Momentum2Teacher  # noqa: E402

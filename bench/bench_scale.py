@@ -1,7 +1,7 @@
 """Peak memory and time of matching precomputed descriptors at scale, against a bare faiss search.
 
 ``task=evaluate evaluation.descriptors=...`` reads per-split HDF5 files, runs
-``isc.evaluation.pipeline.match_descriptors`` (optional PCA-whitening fitted on the training descriptors,
+``isc.evaluation.settings.match_descriptors`` (optional PCA-whitening fitted on the training descriptors,
 L2 normalisation, score normalisation against them, exact faiss search, the 500,000-prediction cap, the
 official metrics, and a second "raw" search for the metrics without post-processing), then writes
 ``descriptors.h5`` and ``predictions.csv``. This script runs exactly those library calls on synthetic
@@ -230,8 +230,9 @@ def _read(path: Path, n: int, dim: int, first: int = 0) -> np.ndarray:
 
 def make_data(args: Ns, root: Path) -> tuple[Files, int]:
     """Write every input; returns the files and the number of queries with a copy in the references."""
-    from isc.evaluation.io import write_ground_truth, write_split_descriptors
-    from isc.evaluation.matches import GroundTruth
+    from isc.formats.descriptor_files import write_split_descriptors
+    from isc.formats.pair_csv import write_ground_truth
+    from isc.formats.pairs import GroundTruth
 
     gen = Generator(args)
     n_ref, d = args.references[-1], args.dim
@@ -391,7 +392,7 @@ def run_baseline(args: Ns, files: Files, n_ref: int) -> PhaseResult:
 
 
 def _settings(name: str, args: Ns):  # noqa: ANN202 - EvaluationSettings, imported in the phase process
-    from isc.evaluation.pipeline import EvaluationSettings, ScoreNormalization, Whitening
+    from isc.evaluation.settings import EvaluationSettings, ScoreNormalization, Whitening
 
     if name == "default":
         return EvaluationSettings(k=args.k)  # = conf/evaluation/default.yaml
@@ -405,8 +406,9 @@ def _settings(name: str, args: Ns):  # noqa: ANN202 - EvaluationSettings, import
 
 def run_product(args: Ns, files: Files, n_ref: int, config: str, with_truth: bool) -> PhaseResult:
     """What ``task=evaluate`` (``task=predict`` without ground truth) runs on ``evaluation.descriptors``."""
-    from isc.evaluation.io import read_descriptors, read_ground_truth, write_descriptors, write_predictions
-    from isc.evaluation.pipeline import match_descriptors
+    from isc.evaluation.matching import match_descriptors
+    from isc.formats.descriptor_files import read_descriptors, write_descriptors
+    from isc.formats.pair_csv import read_ground_truth, write_predictions
 
     d = args.dim
     name = f"{'evaluate' if with_truth else 'predict'} {config}"

@@ -1,7 +1,7 @@
 """Per-epoch copy-detection evaluation: descriptors -> faiss index -> official uAP, logged everywhere.
 
 Under DDP each rank embeds its own contiguous shard of the benchmark images; rank 0 gathers them,
-searches and scores (``isc.evaluation.pipeline``, the same code as ``run.py task=evaluate``), then broadcasts
+searches and scores (``isc.evaluation.settings``, the same code as ``run.py task=evaluate``), then broadcasts
 the metrics so every rank logs identical values and ``ModelCheckpoint(monitor="val/uAP")`` agrees.
 """
 
@@ -16,16 +16,17 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 from torch import nn
 
-from isc.data.images import Disc21Layout, screen_images
-from isc.evaluation.extract import extract_descriptors, image_dataset
-from isc.evaluation.pipeline import EvaluationSettings, MatchingResult, headline_metrics, match_descriptors
+from callbacks.gallery import match_gallery
+from callbacks.scoring import SPLITS, score_benchmark
+from isc.data.images import Disc21Layout, screen_for_training
+from isc.evaluation.extract import extract
+from isc.evaluation.results import EvaluationResult
+from isc.evaluation.runner import split_paths
+from isc.evaluation.settings import EvaluationSettings
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("queries", "references", "training")
 
 
 class _Embedder(nn.Module):
@@ -120,8 +121,8 @@ class RetrievalEvaluation(L.Callback):
         """
         if self._screened is None:
             screened = {}
-            for split, files in self.settings.split_paths(self.layout).items():
-                screened[split], bad = screen_images(
+            for split, files in split_paths(self.layout, self.settings.max_training).items():
+                screened[split], bad = screen_for_training(
                     files, f"{split}/ of {self.layout.root}", skip_bad=self.skip_bad
                 )
                 self.skipped += [(split, p, reason) for p, reason in bad]
@@ -160,16 +161,16 @@ class RetrievalEvaluation(L.Callback):
         try:
             model = self._descriptor_model(trainer, pl_module)
             image_size = getattr(model, "image_size", None) or self.settings.image_size
-            dataset = image_dataset([paths[i] for i in indices], image_size)
-            descriptors = extract_descriptors(
+            descriptors = extract(
                 model,
-                dataset,
+                [paths[i] for i in indices],
+                scales=[image_size],
                 batch_size=self.settings.batch_size,
                 num_workers=self.settings.num_workers,
                 device=pl_module.device,
                 progress=trainer.is_global_zero,
-                desc=f"val/uAP: embedding {len(dataset)} benchmark images",
-            )
+                desc=f"val/uAP: embedding {len(indices)} benchmark images",
+            ).vectors
         finally:
             pl_module.train(was_training)
         return indices, descriptors
@@ -199,25 +200,11 @@ class RetrievalEvaluation(L.Callback):
         return np.concatenate([gathered[r, : int(n)] for r, n in enumerate(counts.cpu())])
 
     def _score(self, descriptors: np.ndarray, trainer: L.Trainer, log_dir: str | None) -> dict[str, float]:
-        ids, parts, start = {}, {}, 0
-        for split in SPLITS:
-            if split in self._paths:
-                n = len(self._paths[split])
-                ids[split] = np.asarray([p.stem for p in self._paths[split]])
-                parts[split], start = descriptors[start : start + n], start + n
-        result = match_descriptors(
-            ids["queries"],
-            parts["queries"],
-            ids["references"],
-            parts["references"],
-            parts.get("training"),
-            self.layout.ground_truth(),
-            self.settings,
-        )
+        result = score_benchmark(self.layout, self._paths, descriptors, self.settings)
         self._log_gallery(result, trainer, log_dir)
-        return headline_metrics(result, prefix="val/")
+        return result.headline(prefix="val/")
 
-    def _log_gallery(self, result: MatchingResult, trainer: L.Trainer, log_dir: str | None) -> None:
+    def _log_gallery(self, result: EvaluationResult, trainer: L.Trainer, log_dir: str | None) -> None:
         """Top matches of a few matched queries as one image: saved in the run dir, sent to wandb."""
         if not self.gallery_queries or not log_dir:
             return
@@ -244,29 +231,3 @@ def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - omegaconf comes with Hydra
         pass
     return {k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}
-
-
-def match_gallery(
-    layout: Disc21Layout, result: MatchingResult, n_queries: int, top: int = 4, thumb: int = 96
-):
-    """Rows of (query | top matches), green border = correct match, red = wrong."""
-    gt = layout.ground_truth()
-    truth = dict(zip(*gt.pairs(), strict=True))
-    pred = result.predictions
-    queries = [q for q in dict.fromkeys(pred.query_ids.tolist()) if q in truth][:n_queries]
-    refs = {p.stem: p for p in layout.paths("references")}
-    qpaths = {p.stem: p for p in layout.paths("queries")}
-    sheet = Image.new("RGB", ((top + 1) * (thumb + 6), max(1, len(queries)) * (thumb + 6)), "white")
-    for row, q in enumerate(queries):
-        mine = np.flatnonzero(pred.query_ids == q)
-        mine = mine[np.argsort(-pred.scores[mine], kind="stable")][:top]
-        cells = [(qpaths[q], (128, 128, 128))] + [
-            (refs[r], (0, 170, 0) if truth[q] == r else (200, 0, 0)) for r in pred.reference_ids[mine]
-        ]
-        for col, (path, colour) in enumerate(cells):
-            with Image.open(path) as img:
-                tile = img.convert("RGB").resize((thumb, thumb))
-            x, y = col * (thumb + 6), row * (thumb + 6)
-            sheet.paste(Image.new("RGB", (thumb + 6, thumb + 6), colour), (x, y))
-            sheet.paste(tile, (x + 3, y + 3))
-    return sheet

@@ -15,7 +15,7 @@ from torchvision.transforms import v2 as T
 from isc.augment import ImagePool, Transform, with_default_source
 from isc.data.benchmark import package_photos
 from isc.data.copies import EpochLoader, GeneratedCopiesDataset, OnlineCopiesDataset, PKSampler
-from isc.data.images import find_images, screen_images
+from isc.data.images import find_images, screen_for_training
 
 
 def train_transform(image_size: int, pad: int = 10) -> T.Compose:
@@ -44,7 +44,7 @@ class CopiesDataModule(L.LightningDataModule):
       without a source (``paste_source: null``) paste these same training images, as D2LV pastes real
       photos; an explicit ``paste_source`` is kept, and textures remain only for recipes used alone.
 
-    Every image is checked before training (:func:`isc.data.images.screen_images`): an unreadable one
+    Every image is checked before training (:func:`isc.data.images.screen_for_training`): an unreadable one
     stops the run at once, or with ``skip_bad`` is left out and kept in ``skipped``.
 
     Batches hold ``p`` classes x ``k`` members; under DDP each rank draws its own classes. Every epoch
@@ -104,7 +104,7 @@ class CopiesDataModule(L.LightningDataModule):
         workers = max(8, self.num_workers)
         if self.generated is not None:
             dataset = GeneratedCopiesDataset(self.generated, transform, max_classes=self.max_classes)
-            _, self.skipped = screen_images(
+            _, self.skipped = screen_for_training(
                 dataset.paths, f"data.generated={self.generated}", skip_bad=self.skip_bad, num_workers=workers
             )
             if self.skipped:  # list again without them (a class left with one member drops out)
@@ -115,7 +115,7 @@ class CopiesDataModule(L.LightningDataModule):
             assert self.recipe is not None
             sources = self._source_list()[: self.max_classes]
             files = [s for s in sources if not isinstance(s, Image.Image)]
-            _, self.skipped = screen_images(
+            _, self.skipped = screen_for_training(
                 files, f"data.sources={self.sources}", skip_bad=self.skip_bad, num_workers=workers
             )
             bad = {p for p, _ in self.skipped}

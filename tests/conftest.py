@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from isc.evaluation.io import write_ground_truth
-from isc.evaluation.matches import GroundTruth
+from isc.formats.pair_csv import write_ground_truth
+from isc.formats.pairs import GroundTruth
 
 N_REFS, N_MATCHED, N_UNMATCHED, N_TRAIN = 16, 10, 6, 6
 

@@ -4,7 +4,7 @@ Run as ``python tests/ddp_correctness_job.py {xbm|m2t} OUT_DIR``; Lightning's ``
 same command for rank 1 and wraps the module in ``DistributedDataParallel`` (``broadcast_buffers=True``), so
 DDP's per-forward buffer broadcast is really in play.
 
-- ``xbm``: a linear embedder trained with :class:`isc.losses.metric.CrossBatchMemory` for ``STEPS`` steps;
+- ``xbm``: a linear embedder trained with :class:`isc.losses.xbm.CrossBatchMemory` for ``STEPS`` steps;
   each rank writes its memory, the indices it saw per step and the (constant, lr 0) embedder weights.
 - ``m2t``: a tiny :class:`lightning_modules.momentum2_teacher.Momentum2Teacher` for ``STEPS`` steps; each rank
   writes, per step, its indices, the teacher parameters and the teacher's momentum-BN statistics.
@@ -23,8 +23,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from isc.losses.metric import ContrastiveLoss, CrossBatchMemory  # noqa: E402
-from isc.losses.ssl import BYOLLoss  # noqa: E402
+from isc.losses.byol import BYOLLoss  # noqa: E402
+from isc.losses.contrastive import ContrastiveLoss  # noqa: E402
+from isc.losses.xbm import CrossBatchMemory  # noqa: E402
 from isc.models.momentum import MomentumBatchNorm  # noqa: E402
 from isc.models.trunks import Trunk  # noqa: E402
 from lightning_modules.momentum2_teacher import Momentum2Teacher  # noqa: E402

@@ -15,7 +15,8 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import run
+import tasks
+import tasks.training
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -71,12 +72,12 @@ def test_the_old_top_level_groups_fail_at_composition(override: str) -> None:
 
 def test_nested_overrides_reach_the_model_of_any_experiment() -> None:
     cfg = compose_cfg("model/loss=d2lv", "model/optimizer=sgd", "model/scheduler=warmup_cosine")
-    assert cfg.model.loss._target_ == "isc.losses.metric.D2LVLoss"
+    assert cfg.model.loss._target_ == "isc.losses.d2lv.D2LVLoss"
     assert cfg.model.optimizer._target_ == "torch.optim.SGD"
     assert "flat_epochs" in cfg.model.scheduler  # the experiment's phases still apply on top
     assert "loss" not in cfg  # no second, top-level loss to be silently ignored
     pre = compose_cfg("experiment=pretrain_barlow_r50", "model/loss=momentum2_teacher", "model/optimizer=sgd")
-    assert pre.model.loss._target_ == "isc.losses.ssl.BYOLLoss"
+    assert pre.model.loss._target_ == "isc.losses.byol.BYOLLoss"
     # the experiment pins no optimiser-specific keys, so another optimiser composes cleanly
     assert set(pre.model.optimizer) == set(OmegaConf.load(CONF / "model/optimizer/sgd.yaml"))
 
@@ -145,7 +146,7 @@ D2LV_FINETUNE = {
     "model.lr": 3.5e-4,
     "model.freeze_bn_stats": False,
     "model.base_batch_size": None,
-    "model.loss._target_": "isc.losses.metric.D2LVLoss",
+    "model.loss._target_": "isc.losses.d2lv.D2LVLoss",
     "model.loss.ce_weight": 10.0,
     "model.loss.triplet_weight": 1.0,
     "model.loss.label_smoothing": 0.1,
@@ -188,7 +189,7 @@ M2T_PRETRAIN = {
     "model.lr_bias_norm": None,
     "model.base_batch_size": 256,
     "model.exclude_bias_and_norm": False,
-    "model.loss._target_": "isc.losses.ssl.BYOLLoss",
+    "model.loss._target_": "isc.losses.byol.BYOLLoss",
     "model.optimizer._target_": "torch.optim.SGD",
     "model.optimizer.momentum": 0.9,
     "model.optimizer.weight_decay": 1.0e-4,
@@ -218,7 +219,7 @@ EXPECTED = {
         "model.lr": 0.2,
         "model.lr_bias_norm": 0.0048,
         "model.base_batch_size": 256,
-        "model.loss._target_": "isc.losses.ssl.BarlowTwinsLoss",
+        "model.loss._target_": "isc.losses.barlow_twins.BarlowTwinsLoss",
         "model.loss.lambda_offdiag": 0.0051,  # now from model/loss/barlow_twins.yaml, not the experiment
         "model.optimizer._target_": "isc.train.optim.LARS",
         "model.optimizer.weight_decay": 1.5e-6,
@@ -238,7 +239,7 @@ EXPECTED = {
         "model.head": None,
         "model.lr": 1.0e-4,
         "model.freeze_bn_stats": True,
-        "model.loss._target_": "isc.losses.metric.InfoNCEEntropyLoss",
+        "model.loss._target_": "isc.losses.infonce_entropy.InfoNCEEntropyLoss",
         "model.optimizer._target_": "torch.optim.Adam",
         "model.scheduler.warmup_epochs": 1,
         "model.scheduler.flat_epochs": 1,
@@ -331,7 +332,7 @@ def test_finetuning_losses_train_with_the_default_experiment(
 ) -> None:
     cfg = compose_cfg(*short_run(benchmark, tmp_path), f"model/loss={loss}")
     assert cfg.model.head is None  # the default experiment's
-    metrics = {k: float(v) for k, v in run.train(cfg).items()}  # type: ignore[arg-type]
+    metrics = {k: float(v) for k, v in tasks.train(cfg).items()}  # type: ignore[arg-type]
     assert math.isfinite(metrics["train/loss"])
     assert {f"train/{c}" for c in components} <= set(metrics)
     assert 0.0 <= metrics["val/uAP"] <= 1.0
@@ -366,13 +367,13 @@ def test_pretraining_losses_fail_in_copy_finetune_before_any_data_work(
         raise AssertionError("data work started before the model was checked")
 
     monkeypatch.setattr(CopiesDataModule, "setup", no_data)
-    monkeypatch.setattr(run, "dataset_root", no_data)
+    monkeypatch.setattr(tasks.training, "dataset_root", no_data)
     cfg = compose_cfg(*short_run(benchmark, tmp_path), f"model/loss={loss}")
     # Hydra wraps the module's ValueError, keeping its message
     with pytest.raises(
         InstantiationException, match=r"model=copy_finetune cannot train with .*model/loss=d2lv"
     ):
-        run.train(cfg)
+        tasks.train(cfg)
 
 
 @pytest.mark.parametrize(

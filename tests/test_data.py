@@ -18,10 +18,10 @@ from isc.data.images import (
     image_id,
     list_images,
     load_image,
-    scan_images,
+    screen_decode,
 )
-from isc.evaluation.io import write_ground_truth
-from isc.evaluation.matches import GroundTruth
+from isc.formats.pair_csv import write_ground_truth
+from isc.formats.pairs import GroundTruth
 
 W, H = 40, 24
 
@@ -273,13 +273,13 @@ def _mixed_folder(folder: Path) -> tuple[list[Path], dict[str, str]]:
 def test_scan_images_separates_good_and_bad(tmp_path: Path, num_workers: int) -> None:
     good, bad = _mixed_folder(tmp_path)
     paths = list_images(tmp_path)
-    kept, skipped = scan_images(paths, skip_bad=True, num_workers=num_workers)
+    kept, skipped = screen_decode(paths, skip_bad=True, num_workers=num_workers)
     assert kept == sorted(good)
     assert {p.name: r for p, r in skipped}.keys() == bad.keys()
     for path, reason in skipped:
         assert bad[path.name] in reason
     with pytest.raises(ImageLoadError, match="garbled.jpg"):  # first bad one in sorted order
-        scan_images(paths, skip_bad=False)
+        screen_decode(paths, skip_bad=False)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import ddp_correctness_job as job  # noqa: E402
 from conftest import ddp_env  # noqa: E402
 
-from isc.losses.metric import CrossBatchMemory  # noqa: E402
+from isc.losses.xbm import CrossBatchMemory  # noqa: E402
 from isc.models.momentum import commit_statistics, set_statistics_momentum, statistics_momentum  # noqa: E402
 
 
@@ -124,7 +124,7 @@ def test_wants_sync_batchnorm(
     cuda: bool,
     expected: bool,
 ) -> None:
-    from lightning_modules import wants_sync_batchnorm
+    from lightning_modules.base import wants_sync_batchnorm
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4 if cuda else 0)
@@ -135,7 +135,7 @@ def test_wants_sync_batchnorm_single_visible_gpu_and_trainer_configs(monkeypatch
     from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
     from omegaconf import OmegaConf
 
-    from lightning_modules import wants_sync_batchnorm
+    from lightning_modules.base import wants_sync_batchnorm
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -159,8 +159,9 @@ def test_two_process_evaluation_equals_one_process_with_the_same_weights(
 
     from callbacks.retrieval import SPLITS
     from isc.data.images import Disc21Layout
-    from isc.evaluation.extract import extract_descriptors, image_dataset
-    from isc.evaluation.pipeline import EvaluationSettings, headline_metrics, match_descriptors
+    from isc.evaluation.extract import extract
+    from isc.evaluation.matching import match_descriptors
+    from isc.evaluation.settings import EvaluationSettings
 
     env = ddp_env()
     result = subprocess.run(
@@ -181,9 +182,7 @@ def test_two_process_evaluation_equals_one_process_with_the_same_weights(
     layout = Disc21Layout(benchmark)
     paths = [p for split in SPLITS if layout.has_split(split) for p in layout.paths(split)]
     settings = EvaluationSettings.from_dict(ddp_eval_job.EVALUATION)
-    one = extract_descriptors(
-        module.descriptor_model(), image_dataset(paths, 32), num_workers=0, progress=False
-    )
+    one = extract(module.descriptor_model(), paths, scales=[32], num_workers=0, progress=False).vectors
     np.testing.assert_allclose(saved["descriptors"].numpy(), one, atol=1e-6, rtol=0)
 
     n_q, n_r = len(layout.paths("queries")), len(layout.paths("references"))
@@ -196,5 +195,5 @@ def test_two_process_evaluation_equals_one_process_with_the_same_weights(
         layout.ground_truth(),
         settings,
     )
-    for key, value in headline_metrics(matched, prefix="val/").items():
+    for key, value in matched.headline(prefix="val/").items():
         assert saved["metrics"][key] == pytest.approx(value, abs=1e-6), key

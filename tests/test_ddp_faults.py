@@ -15,7 +15,7 @@ import pytest
 from conftest import ddp_env, make_copy_benchmark, random_image
 from test_finetune import tiny
 
-from isc.data.images import ImageLoadError, check_images, load_image
+from isc.data.images import ImageLoadError, load_image, screen_quick
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_an_image_error_on_one_rank_ends_both_ranks(tmp_path: Path) -> None:
     bench = make_copy_benchmark(tmp_path / "bench")
     bad = bench / "training" / "T000002.png"  # a fine-tuning class, and an image the callback embeds
     _corrupt_pixels(bad)
-    assert check_images([bad], "test")[1] == []  # passes the pre-pass ...
+    assert screen_quick([bad], "test")[1] == []  # passes the pre-pass ...
     with pytest.raises(ImageLoadError):
         load_image(bad)  # ... but cannot be decoded
     command = [

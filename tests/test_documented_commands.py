@@ -199,7 +199,7 @@ def shrink(args: list[str], out: Path) -> list[str]:
         extra += [  # the test stage on 48-px images: two small scales, few views
             "evaluation.scales=[64,72]",
             "evaluation.local_verification.query.min_size=8",
-            "evaluation.local_verification.query.max_proposals=2",
+            "evaluation.local_verification.query.proposals.max_proposals=2",
         ]
     if "hparams_search=optuna" in text:
         extra += ["hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2"]

@@ -14,11 +14,13 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import run
-from isc.evaluation.extract import extract_descriptors, image_dataset
+import tasks
+from isc.evaluation.extract import extract
 from isc.evaluation.inference import ConcatModel, run_test_stage
-from isc.evaluation.io import read_predictions, write_ground_truth
-from isc.evaluation.matches import GroundTruth
-from isc.evaluation.pipeline import EvaluationSettings, match_descriptors
+from isc.evaluation.matching import match_descriptors
+from isc.evaluation.settings import EvaluationSettings
+from isc.formats.pair_csv import read_predictions, write_ground_truth
+from isc.formats.pairs import GroundTruth
 from isc.models.descriptor import DescriptorModel, save_descriptor_model
 from isc.models.pooling import GeM
 from isc.models.trunks import efficientnet_lite0
@@ -88,7 +90,7 @@ SETTINGS = dict(
     local_verification={
         "enabled": True,
         "reference_crops": True,
-        "query": {"min_size": 40, "max_proposals": 4},
+        "query": {"min_size": 40, "proposals": {"max_proposals": 4}},
     },
 )
 
@@ -115,9 +117,7 @@ def test_global_stage_equals_the_single_descriptor_path(full_run):
     model = _model()
     plain = _settings(scales=None, local_verification={"enabled": False}, image_size=128)
     descriptors = {
-        s: extract_descriptors(
-            model, image_dataset(paths[s], 128), batch_size=16, num_workers=0, progress=False
-        )
+        s: extract(model, paths[s], scales=[128], batch_size=16, num_workers=0, progress=False).vectors
         for s in paths
     }
     expected = match_descriptors(
@@ -166,9 +166,9 @@ def test_stages_are_cumulative_and_outputs_meet_the_official_rules(full_run):
     final.check_no_duplicates()
     assert len(final) <= 500_000
     # every query view lies inside its image, the original first, and the crops really are crops
-    kinds = [v.kind for v in result.query_views]
+    kinds = [v.kind for v in result.rows.query_views]
     assert {"original", "rotation", "crop"} <= set(kinds)
-    for v in result.query_views:
+    for v in result.rows.query_views:
         assert v.box[0] >= 0 and v.box[1] >= 0
     # the local stage holds every pair the global stage found with a score at least as high minus the penalty
     g = result.stages[0].predictions
@@ -176,10 +176,10 @@ def test_stages_are_cumulative_and_outputs_meet_the_official_rules(full_run):
     for q, r in zip(g.query_ids, g.reference_ids, strict=True):
         assert (q, r) in local
     # reference crops score only the original query (D2LV's OQ + AR)
-    c = result.candidates
+    c = result.rows.candidates
     crop_rows = c.reference_view > 0
     assert crop_rows.any()
-    assert {result.query_views[i].kind for i in c.query_view[crop_rows]} == {"original"}
+    assert {result.rows.query_views[i].kind for i in c.query_view[crop_rows]} == {"original"}
     assert set(c.scale[crop_rows].tolist()) == {0}
 
 
@@ -237,7 +237,7 @@ TEST_STAGE = [
     "evaluation.scales=[128,160]",
     "evaluation.local_verification.enabled=true",
     "evaluation.local_verification.query.min_size=40",
-    "evaluation.local_verification.query.max_proposals=4",
+    "evaluation.local_verification.query.proposals.max_proposals=4",
 ]
 
 
@@ -264,7 +264,7 @@ def test_task_evaluate_writes_stages_report_and_files(photo_benchmark, tmp_path)
         out,
     )
     out.mkdir()
-    metrics = run.evaluate(cfg)
+    metrics = tasks.evaluate(cfg)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert list(on_disk["stages"]) == ["global", "+ multi-scale", "+ local verification"]
     assert on_disk["uAP"] == pytest.approx(on_disk["stages"]["+ local verification"]["uAP"])
@@ -321,7 +321,7 @@ def test_ensemble_files_load_before_any_image(photo_benchmark, tmp_path):
         out,
     )
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        run.evaluate(cfg)
+        tasks.evaluate(cfg)
     assert not (out / "predictions.csv").exists()
 
 
@@ -341,7 +341,7 @@ def test_concat_ensemble_whitens_to_concat_dim(photo_benchmark, tmp_path):
         ],
         out,
     )
-    run.evaluate(cfg)
+    tasks.evaluate(cfg)
     with h5py.File(out / "descriptors.h5") as f:
         assert f["query"].shape[1] == 5
 
@@ -360,7 +360,7 @@ def test_concat_model_is_the_normalised_concatenation():
 
 def test_d2lv_inference_recipe_has_the_seeds_values_and_asks_for_its_models(tmp_path):
     cfg = _compose(["experiment=d2lv_inference", "evaluation.ensemble.models=[a.pt,b.pt,c.pt]"], tmp_path)
-    s = run.evaluation_settings(cfg)
+    s = tasks.common.evaluation_settings(cfg)
     assert s.scales == (256, 320, 200) and s.multiscale == "max"
     assert (s.whitening.enabled, s.whitening.dim, s.score_normalization.beta, s.score_normalization.k) == (
         True,
@@ -390,7 +390,7 @@ def test_the_report_and_its_figures_reach_wandb(photo_benchmark, tmp_path, monke
     cfg = _compose(
         [f"dataset.root={photo_benchmark}", "logger=wandb", "evaluation.image_size=128", *TEST_STAGE[:3]], out
     )
-    metrics = run.evaluate(cfg)
+    metrics = tasks.evaluate(cfg)
     assert (out / "metrics.json").exists() and Path(metrics["report"]).exists()
     media = list((out / "wandb").glob("offline-run-*/files/media/**/*"))
     names = " ".join(p.name for p in media)
@@ -404,7 +404,7 @@ def test_descriptor_track_limit_is_checked_before_extraction(photo_benchmark, tm
         [f"dataset.root={photo_benchmark}", *TEST_STAGE, "evaluation.descriptor_track_max_dim=256"], out
     )
     with pytest.raises(ValueError, match="1280 dims but evaluation.descriptor_track_max_dim=256"):
-        run.evaluate(cfg)
+        tasks.evaluate(cfg)
     assert not (out / "predictions.csv").exists()
 
 
@@ -414,9 +414,9 @@ def _same_result(a, b) -> None:
         assert x.predictions.query_ids.tolist() == y.predictions.query_ids.tolist()
         assert x.predictions.reference_ids.tolist() == y.predictions.reference_ids.tolist()
         np.testing.assert_array_equal(x.predictions.scores, y.predictions.scores)
-    np.testing.assert_array_equal(a.query_descriptors, b.query_descriptors)
-    np.testing.assert_array_equal(a.reference_descriptors, b.reference_descriptors)
-    assert a.query_views == b.query_views and a.reference_sizes == b.reference_sizes
+    np.testing.assert_array_equal(a.query, b.query)
+    np.testing.assert_array_equal(a.reference, b.reference)
+    assert a.rows.query_views == b.rows.query_views and a.rows.reference_sizes == b.rows.reference_sizes
 
 
 def test_the_test_stage_resumes_from_its_cache(full_run, tmp_path: Path) -> None:

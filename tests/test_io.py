@@ -7,23 +7,20 @@ import h5py
 import numpy as np
 import pytest
 
-from isc.evaluation import io as isc_io
-from isc.evaluation.io import (
+from isc.evaluation.metrics import evaluate
+from isc.formats import descriptor_files, pair_csv
+from isc.formats.descriptor_files import (
     Descriptors,
-    atomic_write,
     check_descriptor_track,
     read_descriptors,
-    read_ground_truth,
-    read_predictions,
     read_split_descriptors,
     write_descriptors,
-    write_ground_truth,
-    write_predictions,
     write_split_descriptor_files,
     write_split_descriptors,
 )
-from isc.evaluation.matches import GroundTruth, Predictions
-from isc.evaluation.metrics import evaluate
+from isc.formats.files import atomic_write
+from isc.formats.pair_csv import read_ground_truth, read_predictions, write_ground_truth, write_predictions
+from isc.formats.pairs import GroundTruth, Predictions
 
 
 def _predictions(n: int, seed: int = 0) -> Predictions:
@@ -115,7 +112,7 @@ def test_max_rows_cap_and_lift(tmp_path: Path) -> None:
 
 
 def test_default_cap_is_the_official_500k() -> None:
-    assert isc_io.MAX_PREDICTIONS == 500_000
+    assert pair_csv.MAX_PREDICTIONS == 500_000
     assert read_predictions.__defaults__ == (500_000,)
     assert write_predictions.__defaults__ == (500_000,)
 
@@ -381,7 +378,7 @@ def test_write_predictions_interrupted_midway_keeps_previous_file(
             self.f.write(text[: len(text) // 2])
             raise Interrupted
 
-    monkeypatch.setattr(isc_io, "open", HalfFile, raising=False)
+    monkeypatch.setattr(pair_csv, "open", HalfFile, raising=False)
     with pytest.raises(Interrupted):
         write_predictions(path, _predictions(9, seed=3))
     assert path.read_bytes() == before
@@ -635,7 +632,7 @@ def test_our_split_files_read_by_the_official_reader(tmp_path: Path) -> None:
         rng.standard_normal((1, 4)),
     )
     paths = write_split_descriptor_files(tmp_path / "out", d)
-    assert {k: p.name for k, p in paths.items()} == isc_io.SPLIT_FILE_NAMES
+    assert {k: p.name for k, p in paths.items()} == descriptor_files.SPLIT_FILE_NAMES
     for split, path in paths.items():
         with h5py.File(path, "r") as f:
             assert set(f.keys()) == {"vectors", "image_names"}
@@ -720,4 +717,4 @@ def test_whitespace_lookup_covers_every_isspace_character() -> None:
     spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
     ids = np.array([f"Q{c}1" for c in spaces] + ["Q1", "R\u00e9", "\U0001f600", "T\u30001"])
     expected = [*range(len(spaces)), len(spaces) + 3]
-    assert isc_io._rows_with_whitespace(ids).tolist() == expected
+    assert pair_csv._rows_with_whitespace(ids).tolist() == expected

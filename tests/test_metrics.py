@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from isc.evaluation.matches import GroundTruth, Predictions
 from isc.evaluation.metrics import check_prediction_queries, evaluate, main, match_ranks
+from isc.formats.pairs import GroundTruth, Predictions
 
 
 def gt(rows: list[tuple[str, str]]) -> GroundTruth:
@@ -217,8 +217,8 @@ def test_cli_reports_duplicates(tmp_path, capsys) -> None:
 
 
 def test_swapped_id_columns_are_an_error_not_a_zero(tmp_path):
-    from isc.evaluation.io import read_ground_truth, read_predictions
     from isc.evaluation.metrics import main
+    from isc.formats.pair_csv import read_ground_truth, read_predictions
 
     (tmp_path / "gt.csv").write_text("query_id,reference_id\nQ00000,R000001\nQ00001,\nQ00002,R000002\n")
     (tmp_path / "swapped.csv").write_text(

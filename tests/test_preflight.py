@@ -15,9 +15,13 @@ import pytest
 from conftest import make_copy_benchmark, random_image
 from hydra import compose, initialize_config_dir
 
-import run
-from isc.data.images import ImageLoadError, check_images, find_images, list_images
-from isc.evaluation.pipeline import EvaluationSettings
+import tasks
+import tasks.evaluation
+import tasks.generation
+from isc.data.images import ImageLoadError, find_images, list_images, screen_quick
+from isc.evaluation import runner
+from isc.evaluation.runner import resolve_settings
+from isc.evaluation.settings import EvaluationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +48,8 @@ def no_extraction(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(1)
         raise AssertionError("extraction started before the pre-pass error")
 
-    monkeypatch.setattr(run, "extract_sharded", refuse)
-    monkeypatch.setattr(run, "run_test_stage", refuse)
+    monkeypatch.setattr(runner, "extract", refuse)
+    monkeypatch.setattr(runner, "run_test_stage", refuse)
     return calls
 
 
@@ -57,7 +61,7 @@ def _jpeg(path: Path, trailer: bytes = b"") -> bytes:
     return data
 
 
-# ------------------------------------------------------------------------------------------- check_images
+# ------------------------------------------------------------------------------------------- screen_quick
 
 
 def test_check_images_finds_each_kind_of_bad_file_and_names_it(tmp_path: Path) -> None:
@@ -70,7 +74,7 @@ def test_check_images_finds_each_kind_of_bad_file_and_names_it(tmp_path: Path) -
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
     files = sorted(tmp_path.iterdir())
-    kept, bad = check_images(files, "test files", skip_bad=True, num_workers=2)
+    kept, bad = screen_quick(files, "test files", skip_bad=True, num_workers=2)
     assert [p.name for p in kept] == ["good.jpg", "trailer.jpg"]
     reasons = {p.name: r for p, r in bad}
     assert set(reasons) == {"half.jpg", "half.png", "empty.png", "text.jpg"}
@@ -79,7 +83,7 @@ def test_check_images_finds_each_kind_of_bad_file_and_names_it(tmp_path: Path) -
     with pytest.raises(
         ImageLoadError, match=r"4 of 6 images in test files cannot be read.*skip_bad_images=true"
     ):
-        check_images(files, "test files")
+        screen_quick(files, "test files")
 
 
 @pytest.mark.parametrize("name", ["Q\u00e9001.jpg", "Q 001.jpg", "Q,001.jpg", "Q'001.jpg"])
@@ -87,7 +91,7 @@ def test_names_that_cannot_be_ids_are_an_error_naming_the_file(tmp_path: Path, n
     _jpeg(tmp_path / name)
     _jpeg(tmp_path / "Q000002.jpg")
     with pytest.raises(ValueError, match=f"1 file name.*cannot be image ids: {name!r}"):
-        check_images(sorted(tmp_path.iterdir()), "queries/", skip_bad=True)  # a name is never skipped
+        screen_quick(sorted(tmp_path.iterdir()), "queries/", skip_bad=True)  # a name is never skipped
 
 
 def test_broken_symlinks_are_warned_about_not_dropped_silently(tmp_path: Path, caplog) -> None:
@@ -111,7 +115,7 @@ def test_a_bad_training_image_stops_evaluate_before_any_extraction(
     (bench / "training" / "T000003.png").write_bytes(b"not an image")
     cfg = _cfg([f"dataset.root={bench}"], tmp_path / "run")
     with pytest.raises(ImageLoadError, match=r"T000003\.png: not an image.*training/ of"):
-        run.evaluate(cfg)
+        tasks.evaluate(cfg)
     assert not no_extraction
 
 
@@ -119,7 +123,7 @@ def test_the_test_stage_runs_the_same_pre_pass(bench: Path, tmp_path: Path, no_e
     (bench / "references" / "R000003.png").write_bytes(b"")
     cfg = _cfg([f"dataset.root={bench}", "evaluation.scales=[32]"], tmp_path / "run")
     with pytest.raises(ImageLoadError, match=r"R000003\.png: empty file"):
-        run.evaluate(cfg)
+        tasks.evaluate(cfg)
     assert not no_extraction
 
 
@@ -130,7 +134,7 @@ def test_a_non_ascii_file_name_stops_evaluate_naming_the_file(
     shutil.copy(bench / "queries" / "Q00011.png", bench / "queries" / "Q\u00e90099.png")
     cfg = _cfg([f"dataset.root={bench}"], tmp_path / "run")
     with pytest.raises(ValueError, match="'Q\u00e90099.png'.*must be ASCII"):
-        run.evaluate(cfg)
+        tasks.evaluate(cfg)
 
 
 def test_empty_queries_without_ground_truth_stop_before_the_other_splits(
@@ -141,7 +145,7 @@ def test_empty_queries_without_ground_truth_stop_before_the_other_splits(
     (bench / "ground_truth.csv").unlink()
     cfg = _cfg([f"dataset.root={bench}"], tmp_path / "run")
     with pytest.raises(ValueError, match=r"queries holds no images"):
-        run.predict(cfg)
+        tasks.predict(cfg)
 
 
 def test_skip_bad_images_lists_what_it_skipped_in_the_run_dir(bench: Path, tmp_path: Path) -> None:
@@ -149,7 +153,7 @@ def test_skip_bad_images_lists_what_it_skipped_in_the_run_dir(bench: Path, tmp_p
     (bench / "training" / "T000002.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut
     (bench / "references" / "R000013.png").write_text("junk")  # no query matches R000013
     out = tmp_path / "run"
-    metrics = run.evaluate(_cfg([f"dataset.root={bench}", "dataset.skip_bad_images=true"], out))
+    metrics = tasks.evaluate(_cfg([f"dataset.root={bench}", "dataset.skip_bad_images=true"], out))
     assert metrics["skipped_images"] == {"references": 1, "queries": 0, "training": 1}
     with open(out / "skipped_images.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -162,12 +166,12 @@ def test_skip_bad_images_lists_what_it_skipped_in_the_run_dir(bench: Path, tmp_p
 
 def test_whitening_and_track_dims_are_checked_against_the_model() -> None:
     whitened = EvaluationSettings.from_dict({"whitening": {"enabled": True, "dim": 512}})
-    with pytest.raises(ValueError, match="evaluation.whitening.dim=512 exceeds the model's 320-d"):
-        run.check_model_dims(whitened, 320)
-    run.check_model_dims(whitened, 512)
+    with pytest.raises(ValueError, match="evaluation.whitening.dim=512 exceeds the descriptor's 320 dims"):
+        resolve_settings(whitened, 1000, [320])
+    assert resolve_settings(whitened, 1000, [512]) == whitened
     track = EvaluationSettings.from_dict({"descriptor_track_max_dim": 256})
     with pytest.raises(ValueError, match="1280 dims but evaluation.descriptor_track_max_dim=256"):
-        run.check_model_dims(track, 1280)
+        resolve_settings(track, 1000, [1280])
 
 
 def test_whitening_dim_above_the_model_stops_evaluate_before_extraction(
@@ -179,9 +183,9 @@ def test_whitening_dim_above_the_model_stops_evaluate_before_extraction(
         [f"dataset.root={bench}", "evaluation.whitening.enabled=true", "evaluation.whitening.dim=32"],
         tmp_path / "run",
     )
-    monkeypatch.setattr(run, "descriptor_model", lambda cfg: _Tiny())
-    with pytest.raises(ValueError, match="evaluation.whitening.dim=32 exceeds the model's 16-d"):
-        run.evaluate(cfg)
+    monkeypatch.setattr(tasks.evaluation, "descriptor_model", lambda cfg: _Tiny())
+    with pytest.raises(ValueError, match="evaluation.whitening.dim=32 exceeds the descriptor's 16 dims"):
+        tasks.evaluate(cfg)
 
 
 class _Tiny:
@@ -192,7 +196,9 @@ class _Tiny:
 
 
 def test_benchmark_sizes_are_checked_before_the_pool_is_listed(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(run, "find_images", lambda root: pytest.fail("listed the pool before checking sizes"))
+    monkeypatch.setattr(
+        tasks.generation, "find_images", lambda root: pytest.fail("listed the pool before checking sizes")
+    )
     cfg = _cfg(
         [
             "task=build_benchmark",
@@ -203,7 +209,7 @@ def test_benchmark_sizes_are_checked_before_the_pool_is_listed(tmp_path: Path, m
         tmp_path / "run",
     )
     with pytest.raises(ValueError, match=r"20 matched queries.*benchmark.n_references=10"):
-        run.build_benchmark_task(cfg)
+        tasks.build_benchmark_task(cfg)
 
 
 def test_a_small_pool_names_the_sizes_to_change(tmp_path: Path) -> None:
@@ -213,5 +219,5 @@ def test_a_small_pool_names_the_sizes_to_change(tmp_path: Path) -> None:
         random_image(np.random.default_rng(i)).save(pool / f"p{i}.png")
     cfg = _cfg([f"benchmark.pool={pool}"], tmp_path / "run")
     with pytest.raises(ValueError, match=r"pool has 5 images but benchmark.n_references=1000.*need 2500"):
-        run.build_benchmark_task(cfg)
+        tasks.build_benchmark_task(cfg)
     assert not Path(cfg.benchmark.out_dir).exists()

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from isc.evaluation.matches import GroundTruth, Predictions
-from isc.evaluation.metrics import evaluate, precision_recall_curve
-from isc.evaluation.report import Evidence, Stage, report_figures, write_report
+from isc.evaluation.metrics import Metrics, evaluate, precision_recall_curve
+from isc.evaluation.report import report_figures, write_report
+from isc.evaluation.results import Evidence, StageResult
+from isc.formats.pairs import GroundTruth, Predictions
 
 # --- a tiny HTML tree (stdlib parser) ------------------------------------------------------------------
 
@@ -115,12 +116,20 @@ EVIDENCE = {
     ("Q1", "R5"): Evidence(reference_box=(-10, -10, 300, 30), label="clipped"),  # R5 is 96x64: clipped
     ("Q5", "R4"): Evidence(query_box=(0, 0, 10, 10), label="on a missing image"),
 }
+
+
+def _stage(name: str, figures: dict[str, float | None], seconds: float | None) -> StageResult:
+    """A stage whose official metrics are ``figures`` (missing ones undefined)."""
+    values = {k: figures.get(k) for k in ("uAP", "recall_at_p90", "recall_at_rank1", "recall_at_rank10")}
+    return StageResult(name, Predictions([], [], []), Metrics(threshold_at_p90=None, **values), seconds)
+
+
 STAGES = [
-    Stage(
+    _stage(
         "global", {"uAP": 0.5, "recall_at_p90": 0.2, "recall_at_rank1": 0.6, "recall_at_rank10": 0.8}, 0.0123
     ),
-    Stage("+ multi-scale", {"uAP": 0.55, "recall_at_p90": None, "recall_at_rank1": 0.65}, None),
-    Stage(
+    _stage("+ multi-scale", {"uAP": 0.55, "recall_at_p90": None, "recall_at_rank1": 0.65}, None),
+    _stage(
         "+ local verification",
         {"uAP": 0.61234, "recall_at_p90": 0.4, "recall_at_rank1": 0.7, "recall_at_rank10": 0.85},
         1.5,
@@ -328,7 +337,7 @@ def test_stage_table_rows_equal_the_stages(tmp_path: Path, bench) -> None:
         assert name.all_text() == stage.name
         cells = row.find_all("td")
         assert [c.attrs["data-metric"] for c in cells] == [*keys, "seconds_per_query"]
-        expected = [stage.metrics.get(k) for k in keys] + [stage.seconds_per_query]
+        expected = [stage.figures[k] for k in keys] + [stage.seconds_per_query]
         for cell, value in zip(cells, expected, strict=True):
             if value is None:
                 assert cell.attrs["data-value"] == "" and cell.all_text() == "n/a"

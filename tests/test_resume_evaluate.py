@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import random_image
 
-from isc.evaluation.io import write_ground_truth
-from isc.evaluation.matches import GroundTruth
+from isc.formats.pair_csv import write_ground_truth
+from isc.formats.pairs import GroundTruth
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,9 @@ import torch
 from conftest import N_MATCHED, N_REFS, N_TRAIN, N_UNMATCHED
 from hydra import compose, initialize_config_dir
 
-import run
-from isc.evaluation.io import read_descriptors, read_predictions, write_descriptors
+import tasks
+from isc.formats.descriptor_files import read_descriptors, write_descriptors
+from isc.formats.pair_csv import read_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def evaluate(overrides: list[str], out_dir: Path) -> dict:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.output_dir={out_dir}", *overrides])
     out_dir.mkdir(parents=True, exist_ok=True)
-    return run.evaluate(cfg)
+    return tasks.evaluate(cfg)
 
 
 def test_perfect_descriptors_give_uap_one(benchmark: Path, tmp_path: Path) -> None:
@@ -155,16 +156,16 @@ class _Collapsed(torch.nn.Module):
 
 def test_a_zero_descriptor_during_extraction_names_the_image(benchmark: Path) -> None:
     """An all-zero descriptor stops extraction at its batch and names the file, not a uAP of 0.07."""
-    from isc.data.images import list_images
-    from isc.evaluation.extract import extract_descriptors, image_dataset
+    from isc.data.images import list_images, load_image
+    from isc.evaluation.extract import eval_transform, extract
 
     paths = list_images(benchmark / "references")
-    dataset = image_dataset(paths, 32)
     model = _Collapsed()
-    model.zero_pixel = float(dataset[3][0][0, 0, 0])
-    assert float(dataset[2][0][0, 0, 0]) != model.zero_pixel  # only the fourth image is hit
+    pixels = [float(eval_transform(32)(load_image(p))[0, 0, 0]) for p in paths[2:4]]
+    model.zero_pixel = pixels[1]
+    assert pixels[0] != model.zero_pixel  # only the fourth image is hit
     with pytest.raises(ValueError, match=rf"all-zero descriptor for image .*{paths[3].name}"):
-        extract_descriptors(model, dataset, batch_size=8, num_workers=0, progress=False)
+        extract(model, paths, scales=[32], batch_size=8, num_workers=0, progress=False)
 
 
 def test_an_all_zero_descriptor_file_is_refused_before_matching(benchmark: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Resumable sharded extraction (isc/evaluation/shards.py): reuse, invalidation, crashes and SIGKILL.
+"""The extraction engine's shard cache (isc/evaluation/extract.py, shards.py): reuse, invalidation, crashes, SIGKILL.
 
 Run as a script (``python tests/test_shards.py IMAGES CACHE``), this file is also the slow extraction that
 :func:`test_sigkilled_run_resumes` kills with ``kill -9``.
@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from isc.evaluation.extract import extract_descriptors, image_dataset
-from isc.evaluation.shards import extract_sharded, listing_fingerprint, model_fingerprint
+from isc.data.images import load_image
+from isc.evaluation.extract import eval_transform, extract
+from isc.evaluation.shards import listing_fingerprint, model_fingerprint
 
 N_IMAGES, BATCH, SHARD = 40, 4, 8  # 5 shards of 2 batches
 N_SHARDS = N_IMAGES // SHARD
@@ -59,13 +60,18 @@ def write_images(folder: Path, n: int = N_IMAGES) -> list[Path]:
 
 def sharded(model: nn.Module, paths: list[Path], cache: Path | None, **kw) -> np.ndarray:
     kw = {"shard_size": SHARD, "batch_size": BATCH, "num_workers": 0, "progress": False, **kw}
-    return extract_sharded(model, image_dataset(paths, SIZE), cache, image_size=SIZE, **kw)
+    return extract(model, paths, scales=[SIZE], cache_dir=cache, **kw).vectors
 
 
+@torch.no_grad()
 def reference(model: nn.Module, paths: list[Path]) -> np.ndarray:
-    return extract_descriptors(
-        model, image_dataset(paths, SIZE), batch_size=BATCH, num_workers=0, progress=False
-    )
+    """The engine's numbers computed without it: the eval transform and a forward, batch by batch."""
+    transform = eval_transform(SIZE)
+    batches = [
+        model(torch.stack([transform(load_image(p)) for p in paths[i : i + BATCH]])).numpy()
+        for i in range(0, len(paths), BATCH)
+    ]
+    return np.concatenate(batches).astype(np.float32)
 
 
 class Counter:
@@ -121,7 +127,7 @@ def test_sharded_equals_extract_and_rerun_reuses_everything(
     files = shard_files(cache)
     assert [f.name for f in files] == [f"shard-{s:05d}.h5" for s in range(N_SHARDS)]
     counter = Counter(model)
-    with caplog.at_level(logging.INFO, logger="isc.evaluation.shards"):
+    with caplog.at_level(logging.INFO, logger="isc.evaluation.extract"):
         second = sharded(model, images, cache)
     assert counter.images == 0
     assert second.tobytes() == expected.tobytes()
@@ -193,7 +199,7 @@ def test_corrupt_shard_is_recomputed_with_a_warning(
     files[2].write_bytes(data[: len(data) // 2])  # truncated
     files[4].write_bytes(b"not an hdf5 file")
     counter = Counter(model)
-    with caplog.at_level(logging.WARNING, logger="isc.evaluation.shards"):
+    with caplog.at_level(logging.WARNING, logger="isc.evaluation.extract"):
         out = sharded(model, images, cache)
     assert counter.images == 2 * SHARD
     assert out.tobytes() == expected.tobytes()

@@ -15,7 +15,7 @@ from conftest import make_copy_benchmark
 from test_finetune import compose_cfg, tiny
 from test_pretrain import SMALL_HEADS, compose_experiment, write_images
 
-import run
+import tasks
 from datamodules.copies import CopiesDataModule
 from isc.data.images import ImageLoadError
 
@@ -38,13 +38,13 @@ def bench(tmp_path: Path) -> Path:
 def test_fine_tuning_stops_before_training_at_a_bad_image(bench: Path, tmp_path: Path) -> None:
     cfg = compose_cfg(tiny(bench), tmp_path / "run")
     with pytest.raises(ImageLoadError, match=r"T000004\.png: empty file.*dataset.skip_bad_images=true"):
-        run.train(cfg)
+        tasks.train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_fine_tuning_and_callback_skip_and_list_bad_images(bench: Path, tmp_path: Path) -> None:
     cfg = compose_cfg([*tiny(bench), "dataset.skip_bad_images=true"], tmp_path / "run")
-    metrics = run.train(cfg)
+    metrics = tasks.train(cfg)
     assert 0.0 <= metrics["val/uAP"] <= 1.0
     assert _skipped(tmp_path / "run") == {
         ("train", "T000004.png"),  # a fine-tuning source
@@ -85,9 +85,9 @@ def test_pretraining_skips_and_lists_bad_images(tmp_path: Path) -> None:
     overrides = ("trainer.fast_dev_run=true", *SMALL_HEADS["pretrain_barlow_r50"])
     cfg = compose_experiment("pretrain_barlow_r50", tmp_path / "a", images, *overrides)
     with pytest.raises(ImageLoadError, match=rf"{bad.name}.*skip_bad_images=true"):
-        run.train(cfg)
+        tasks.train(cfg)
     cfg = compose_experiment(
         "pretrain_barlow_r50", tmp_path / "b", images, *overrides, "dataset.skip_bad_images=true"
     )
-    run.train(cfg)
+    tasks.train(cfg)
     assert _skipped(tmp_path / "b") == {("train", "0003.png")}

@@ -18,6 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import run
+import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def test_checkpoint_and_export_reproduce_the_callback_uap(
     benchmark: Path, tmp_path: Path, variant: str
 ) -> None:
     train_dir = tmp_path / "train"
-    trained = run.train(compose_cfg([*common(benchmark), *HEADS[variant]], train_dir))
+    trained = tasks.train(compose_cfg([*common(benchmark), *HEADS[variant]], train_dir))
     ckpt = next((train_dir / "checkpoints").glob("epoch*.ckpt"))
 
     # What the checkpoint says it holds: the learned GeM p and the head, at the evaluated size.
@@ -73,14 +74,14 @@ def test_checkpoint_and_export_reproduce_the_callback_uap(
     assert (spec["head"] is None) == (variant.startswith("no head"))
 
     eval_overrides = [*common(benchmark), *HEADS[variant], "task=evaluate", f"ckpt_path={ckpt}"]
-    evaluated = run.evaluate(compose_cfg(eval_overrides, tmp_path / "eval"))
+    evaluated = tasks.evaluate(compose_cfg(eval_overrides, tmp_path / "eval"))
     for key in ("uAP", "uAP_raw", "recall_at_p90", "recall_at_rank1"):
         assert evaluated[key] == pytest.approx(trained[f"val/{key}"], abs=1e-6), key
 
-    exported = run.export(
+    exported = tasks.export(
         compose_cfg([*eval_overrides[:-2], "task=export", f"ckpt_path={ckpt}"], tmp_path / "x")
     )
-    from_export = run.evaluate(
+    from_export = tasks.evaluate(
         compose_cfg([*eval_overrides[:-1], f"ckpt_path={exported['path']}"], tmp_path / "eval2")
     )
     assert from_export["uAP"] == pytest.approx(trained["val/uAP"], abs=1e-6)
@@ -134,7 +135,7 @@ def test_evaluation_settings_defaults_equal_the_config_group() -> None:
     """One set of defaults: the dataclass and conf/evaluation/default.yaml cannot drift apart."""
     from omegaconf import OmegaConf
 
-    from isc.evaluation.pipeline import EvaluationSettings
+    from isc.evaluation.settings import EvaluationSettings
 
     yaml = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "evaluation" / "default.yaml"))
     assert EvaluationSettings.from_dict(yaml) == EvaluationSettings()
@@ -157,7 +158,7 @@ def test_callback_and_evaluate_share_the_settings_of_the_composed_config(tmp_pat
         tmp_path,
     )
     callback = instantiate(cfg.callbacks.retrieval)
-    assert callback.settings == run.evaluation_settings(cfg)
+    assert callback.settings == tasks.common.evaluation_settings(cfg)
     assert callback.settings.whitening.enabled and callback.settings.score_normalization.beta == 2
 
 

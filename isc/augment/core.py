@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from isc.data.pixels import to_rgb  # one conversion for loading and editing (alpha on white)
+from isc.formats.pixels import to_rgb  # one conversion for loading and editing (alpha on white)
 
 Size = tuple[int, int]  # (width, height), PIL order
 Range = tuple[float, float]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from isc.augment import assets
+import isc.augment.assets as assets
 from isc.augment.core import Size, as_color, as_range, as_size, random_color, to_rgb, uniform
 from isc.augment.geometric import resampling
 from isc.augment.sources import ImageSource, as_source, draw_scaled, fit

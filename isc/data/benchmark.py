@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 from isc.data.images import load_image
-from isc.evaluation.io import write_ground_truth
-from isc.evaluation.matches import GroundTruth
+from isc.formats.pair_csv import write_ground_truth
+from isc.formats.pairs import GroundTruth
 
 log = logging.getLogger(__name__)
 

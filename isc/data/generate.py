@@ -16,7 +16,7 @@ Layout::
 
 Interruptions (Linux and macOS):
 
-* Images are written through :func:`isc.evaluation.io.atomic_write` (a hidden ``.NN.jpg.<pid>.<hex>.tmp``
+* Images are written through :func:`isc.formats.files.atomic_write` (a hidden ``.NN.jpg.<pid>.<hex>.tmp``
   file renamed into place), so a file named ``NN.jpg`` is always complete. A temporary file left by a
   killed writer is never taken for an output, and the next run over that class deletes it.
 * The manifest is built incrementally: the rows of each finished class (all its files on disk) are
@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from isc.augment import Resize, Transform, rng_for
 from isc.data.images import ImageLoadError, load_image
-from isc.evaluation.io import atomic_write
+from isc.formats.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A million-image run must not die (or silently learn from grey padding) at image 734,211 because one file
 is truncated: :func:`load_image` decodes every pixel and raises :class:`ImageLoadError` naming the file,
-and :func:`scan_images` finds all such files up front so they can be skipped and counted.
+and :func:`screen_decode` finds all such files up front so they can be skipped and counted.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from isc.data.pixels import to_rgb
-from isc.evaluation.io import atomic_write, read_ground_truth
-from isc.evaluation.matches import GroundTruth
+from isc.formats.files import atomic_write
+from isc.formats.pair_csv import read_ground_truth
+from isc.formats.pairs import GroundTruth
+from isc.formats.pixels import to_rgb
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -35,13 +36,13 @@ __all__ = [
     "Disc21Layout",
     "ImageFolderDataset",
     "ImageLoadError",
-    "check_images",
+    "screen_quick",
     "find_images",
     "image_id",
     "list_images",
     "load_image",
-    "scan_images",
-    "screen_images",
+    "screen_decode",
+    "screen_for_training",
     "to_rgb",
 ]
 
@@ -302,7 +303,7 @@ def _problem(path: Path, max_pixels: int | None) -> str | None:
     return None
 
 
-def scan_images(
+def screen_decode(
     paths: Sequence[str | os.PathLike[str]],
     skip_bad: bool = True,
     num_workers: int = 0,
@@ -360,7 +361,7 @@ def _quick_problem(path: Path, max_pixels: int | None) -> str | None:
     return None
 
 
-def check_images(
+def screen_quick(
     paths: Sequence[str | os.PathLike[str]],
     what: str,
     *,
@@ -411,7 +412,7 @@ def check_images(
     return good, bad
 
 
-def screen_images(
+def screen_for_training(
     paths: Sequence[str | os.PathLike[str]], what: str, *, skip_bad: bool, num_workers: int = 8
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Training images a run can use: the pre-pass, then with ``skip_bad`` a full decode of the rest.
@@ -419,9 +420,9 @@ def screen_images(
     Without ``skip_bad`` a file the pre-pass finds unreadable stops the run before training (one
     corrupt mid-file would still fail when loaded); with it, nothing unreadable reaches an epoch.
     """
-    good, bad = check_images(paths, what, skip_bad=skip_bad, ids=False, num_workers=num_workers)
+    good, bad = screen_quick(paths, what, skip_bad=skip_bad, ids=False, num_workers=num_workers)
     if skip_bad:
-        good, more = scan_images(good, skip_bad=True, num_workers=num_workers)
+        good, more = screen_decode(good, skip_bad=True, num_workers=num_workers)
         bad += more
     return good, bad
 
@@ -454,7 +455,7 @@ class ImageFolderDataset(Dataset):
     """Images given by path, returned as ``(transform(image), index)``; ``ids[index]`` is the image id.
 
     ``skip_bad=False`` (default): a bad image raises :class:`ImageLoadError` when it is loaded.
-    ``skip_bad=True``: every image is decoded once at construction (:func:`scan_images`), bad ones are
+    ``skip_bad=True``: every image is decoded once at construction (:func:`screen_decode`), bad ones are
     dropped and kept in ``skipped`` as ``(path, reason)``; indices refer to the remaining images.
     """
 
@@ -472,7 +473,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"{len(files)} paths but {len(names)} ids")
         self.skipped: list[tuple[Path, str]] = []
         if skip_bad:
-            good, self.skipped = scan_images(files, skip_bad=True, num_workers=num_workers)
+            good, self.skipped = screen_decode(files, skip_bad=True, num_workers=num_workers)
             keep = set(good)
             names = [i for p, i in zip(files, names, strict=True) if p in keep]
             files = [p for p in files if p in keep]

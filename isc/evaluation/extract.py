@@ -1,24 +1,69 @@
-"""Batched descriptor extraction: images on disk -> (N, D) float32 unit vectors."""
+"""The one extraction engine: image files -> views -> descriptors at every scale, through one shard cache.
+
+Every task that turns images into descriptors goes through :func:`extract`: ``task=evaluate`` and
+``task=predict`` (one whole-image view per image at one scale), D2LV's test stage (query views, reference
+crops, several scales; :mod:`isc.evaluation.inference`), the per-epoch retrieval callback and the benches.
+One dataset (:class:`ViewDataset`), one loop, one cache layout and one array type
+(:class:`ViewDescriptors`), so a fix or a speed-up lands everywhere at once.
+
+Shards: with a ``cache_dir``, the images are cut into consecutive shards of ``shard_size`` images (rounded
+up to a whole number of batches, so batch boundaries, hence the bytes, match an uninterrupted run). Each
+shard is one file, ``cache_dir/<key>/<name>/shard-00000.h5``, written atomically as soon as it is done and
+read back by a rerun whose fingerprints match (:mod:`isc.evaluation.shards`). Shards are independent files
+indexed by position, so several processes can each write their share of one listing.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
-from isc.data.images import ImageFolderDataset
+from isc.data.images import load_image
+from isc.evaluation.shards import (
+    SHARD_FORMAT,
+    default_name,
+    listing_fingerprint,
+    model_fingerprint,
+    read_shard,
+    shard_directory,
+    stable_repr,
+    sweep_stale_temps,
+    write_shard,
+)
+from isc.evaluation.views import View, apply_view
+
+__all__ = [
+    "ViewDataset",
+    "ViewDescriptors",
+    "ViewsOf",
+    "eval_transform",
+    "extract",
+    "resolve_device",
+    "whole_image",
+]
 
 log = logging.getLogger(__name__)
 
-__all__ = ["resolve_device", "eval_transform", "extract_descriptors"]
+ViewsOf = Callable[[Image.Image], list[View]]
+"""What views an image gets: a function of the image (query views, reference crops, the whole image)."""
+
+DEFAULT_SHARD_SIZE = 10_000
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -39,53 +84,346 @@ def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     )
 
 
+def whole_image(image: Image.Image) -> list[View]:
+    """The view every global descriptor uses: the whole frame."""
+    return [View("original", (0, 0, image.width, image.height))]
+
+
+class ViewDataset(Dataset):
+    """Each image's views at every scale: ``([tensor (n_views, 3, s, s) per scale], views, size, s, index)``.
+
+    ``views`` is a function of the image, or the views of every image computed before (a second model
+    of an ensemble reuses the first one's instead of running the detectors again).
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], scales: Sequence[int], views: ViewsOf | Sequence[list[View]]
+    ) -> None:
+        self.paths, self.views = list(paths), views
+        self.transforms = [eval_transform(s) for s in scales]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], list[View], tuple[int, int], float, int]:
+        image = load_image(self.paths[index])
+        started = time.perf_counter()
+        views = self.views(image) if callable(self.views) else self.views[index]
+        view_seconds = time.perf_counter() - started if callable(self.views) else 0.0
+        crops = [apply_view(image, v) for v in views]
+        tensors = [torch.stack([t(c) for c in crops]) for t in self.transforms]
+        return tensors, views, image.size, view_seconds, index
+
+
+def _collate(
+    batch: list,
+) -> tuple[list[torch.Tensor], list[list[View]], list[tuple[int, int]], float, list[int]]:
+    n_scales = len(batch[0][0])
+    return (
+        [torch.cat([b[0][s] for b in batch]) for s in range(n_scales)],
+        [b[1] for b in batch],
+        [b[2] for b in batch],
+        sum(b[3] for b in batch),
+        [b[4] for b in batch],
+    )
+
+
+@dataclass
+class ViewDescriptors:
+    """Descriptors of every view of every image, the one array type extraction returns.
+
+    ``per_scale[s]`` is (n_rows, d) float32, one row per view; ``owner`` (n_rows,) the image index of
+    each row; ``views[i]`` the views of image ``i``; ``sizes`` (n_images, 2) width and height;
+    ``model_seconds`` (n_scales,) forward time per scale; ``view_seconds`` time spent finding views.
+    """
+
+    ids: np.ndarray
+    per_scale: list[np.ndarray]
+    owner: np.ndarray
+    views: list[list[View]]
+    sizes: np.ndarray
+    model_seconds: np.ndarray
+    view_seconds: float = 0.0
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The first scale's rows: one descriptor per image for a whole-image extraction."""
+        return self.per_scale[0]
+
+    @classmethod
+    def concat(cls, parts: Sequence[ViewDescriptors]) -> ViewDescriptors:
+        """Parts of one listing, in order, as one (owners renumbered)."""
+        offsets = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
+        n_scales = min(len(p.per_scale) for p in parts)
+        return cls(
+            np.concatenate([p.ids for p in parts]),
+            [np.concatenate([p.per_scale[s] for p in parts]) for s in range(n_scales)],
+            np.concatenate([p.owner + o for p, o in zip(parts, offsets, strict=True)]),
+            [vs for p in parts for vs in p.views],
+            np.concatenate([p.sizes for p in parts]).reshape(-1, 2),
+            np.sum([p.model_seconds for p in parts], axis=0),
+            float(sum(p.view_seconds for p in parts)),
+        )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The shard layout: ``vectors`` (first scale) and ``image_names`` per row, as the official
+        per-split files hold them, plus the other scales and the views."""
+        flat = [v for vs in self.views for v in vs]
+        return {
+            "vectors": self.per_scale[0],
+            **{f"vectors_{s}": x for s, x in enumerate(self.per_scale) if s},
+            "image_names": np.array([str(self.ids[o]).encode("utf-8") for o in self.owner], dtype=bytes),
+            "ids": np.array([str(i).encode("utf-8") for i in self.ids], dtype=bytes),
+            "owner": self.owner.astype(np.int64),
+            "view_kind": np.array([v.kind for v in flat], dtype="S16"),
+            "view_box": np.array([v.box for v in flat], dtype=np.int64).reshape(-1, 4),
+            "view_rotation": np.array([v.rotation for v in flat], dtype=np.int64),
+            "views_per_image": np.array([len(vs) for vs in self.views], dtype=np.int64),
+            "sizes": np.asarray(self.sizes, dtype=np.int64).reshape(-1, 2),
+            "model_seconds": np.asarray(self.model_seconds, dtype=np.float64),
+            "view_seconds": np.array(self.view_seconds),
+        }
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> ViewDescriptors:
+        flat = [
+            View(kind.decode(), tuple(int(c) for c in box), int(rot))  # type: ignore[arg-type]
+            for kind, box, rot in zip(a["view_kind"], a["view_box"], a["view_rotation"], strict=True)
+        ]
+        ends = np.cumsum(a["views_per_image"])
+        n_scales = len(a["model_seconds"])
+        return cls(
+            np.array([bytes(b).decode("utf-8") for b in a["ids"]]),
+            [a["vectors"]] + [a[f"vectors_{s}"] for s in range(1, n_scales)],
+            a["owner"],
+            [flat[end - n : end] for n, end in zip(a["views_per_image"], ends, strict=True)],
+            a["sizes"],
+            a["model_seconds"],
+            float(a["view_seconds"]),
+        )
+
+
+def _views_key(views: ViewsOf | Sequence[list[View]]) -> str:
+    """What decides the views: the function and its settings, or the precomputed views themselves."""
+    if callable(views):
+        return stable_repr(views)
+    return hashlib.sha256(repr([[dataclasses.astuple(v) for v in vs] for vs in views]).encode()).hexdigest()
+
+
 @torch.no_grad()
-def extract_descriptors(
+def _run(
     model: nn.Module,
-    dataset: ImageFolderDataset,
+    paths: Sequence[Path],
+    ids: Sequence[str],
+    scales: Sequence[int],
+    views: ViewsOf | Sequence[list[View]],
+    images_per_batch: int,
+    num_workers: int,
+    device: torch.device,
+    bar: Any,
+) -> ViewDescriptors:
+    """The loop: every view of ``paths`` at every scale, checked row by row (a bad row names its image)."""
+    loader = DataLoader(
+        ViewDataset(paths, scales, views),
+        batch_size=images_per_batch,
+        num_workers=min(num_workers, os.cpu_count() or 1),
+        pin_memory=device.type == "cuda",
+        collate_fn=_collate,
+    )
+    per_scale: list[list[np.ndarray]] = [[] for _ in scales]
+    all_views: list[list[View]] = []
+    sizes: list[tuple[int, int]] = []
+    owner: list[np.ndarray] = []
+    model_seconds = np.zeros(len(scales))
+    view_seconds = 0.0
+    for tensors, batch_views, batch_sizes, seconds, indices in loader:
+        rows = np.concatenate(
+            [np.full(len(v), i, dtype=np.int64) for v, i in zip(batch_views, indices, strict=True)]
+        )
+        for s, x in enumerate(tensors):
+            started = time.perf_counter()
+            out = model(x.to(device, non_blocking=True)).float().cpu().numpy()
+            model_seconds[s] += time.perf_counter() - started
+            _refuse_bad_rows(out, rows, paths)
+            per_scale[s].append(out)
+        all_views += batch_views
+        sizes += batch_sizes
+        owner.append(rows)
+        view_seconds += seconds
+        bar.update(len(indices))
+    return ViewDescriptors(
+        np.asarray(ids),
+        [np.concatenate(p).astype(np.float32, copy=False) for p in per_scale],
+        np.concatenate(owner),
+        all_views,
+        np.array(sizes, dtype=np.int64).reshape(-1, 2),
+        model_seconds,
+        view_seconds,
+    )
+
+
+def _refuse_bad_rows(out: np.ndarray, rows: np.ndarray, paths: Sequence[Path]) -> None:
+    """A non-finite or all-zero descriptor silently poisons the search: stop, naming the image."""
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        raise ValueError(f"non-finite descriptor for image {paths[int(rows[np.flatnonzero(bad)[0]])]}")
+    zero = ~out.any(axis=1)
+    if zero.any():
+        raise ValueError(
+            f"all-zero descriptor for image {paths[int(rows[np.flatnonzero(zero)[0]])]}: it would match "
+            "nothing (a collapsed model, or an input or view too small for the backbone?)"
+        )
+
+
+def extract(
+    model: nn.Module,
+    paths: Sequence[str | os.PathLike[str]],
     *,
+    scales: Sequence[int],
+    ids: Sequence[str] | None = None,
+    views: ViewsOf | Sequence[list[View]] = whole_image,
+    views_per_image: int = 1,
     batch_size: int = 32,
     num_workers: int = 2,
     device: str | torch.device | None = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    name: str | None = None,
     progress: bool = True,
     desc: str = "descriptors",
-) -> np.ndarray:
-    """Run ``model`` over every image of ``dataset`` (which must yield tensors) in order: (N, D) float32.
+) -> ViewDescriptors:
+    """Descriptors of every view of every image of ``paths`` at every scale of ``scales``.
 
-    A non-finite descriptor is an error that names the image: it would silently poison the search.
+    ``ids`` default to the file stems. A batch holds ``batch_size // views_per_image`` images (at least
+    one), so a batch of query views costs about what a batch of whole images does. ``cache_dir=None``
+    keeps nothing; otherwise see the module docstring: a shard whose file matches the model, these
+    settings and its images' paths, sizes and mtimes is read back instead of computed. ``name`` names
+    the listing's folder under the key (default: the images' folder plus a short hash of its path).
     """
+    files = [Path(p) for p in paths]
+    names = [p.stem for p in files] if ids is None else [str(i) for i in ids]
+    if len(names) != len(files):
+        raise ValueError(f"{len(files)} paths but {len(names)} ids")
+    if not scales or min(scales) < 1:
+        raise ValueError(f"scales must be a non-empty list of sizes, got {list(scales)}")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
+    per_batch = max(1, batch_size // max(1, views_per_image))
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    num_workers = min(num_workers, os.cpu_count() or 1)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=dev.type == "cuda",
-        persistent_workers=False,
-    )
-    out: list[np.ndarray] = []
-    for images, indices in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-        descriptors = model(images.to(dev, non_blocking=True)).float().cpu().numpy()
-        bad = ~np.isfinite(descriptors).all(axis=1)
-        if bad.any():
-            first = int(indices[np.flatnonzero(bad)[0]])
-            raise ValueError(f"non-finite descriptor for image {dataset.paths[first]}")
-        zero = ~descriptors.any(axis=1)
-        if zero.any():  # caught here, naming the image, rather than when the file is written
-            first = int(indices[np.flatnonzero(zero)[0]])
-            raise ValueError(
-                f"all-zero descriptor for image {dataset.paths[first]}: it would match nothing "
-                "(a collapsed model, or an input size too small for the backbone?)"
+    precomputed = not callable(views)
+    if precomputed and len(views) != len(files):  # type: ignore[arg-type]
+        raise ValueError(f"{len(views)} precomputed view lists for {len(files)} images")  # type: ignore[arg-type]
+    bar = tqdm(total=len(files), desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        if cache_dir is None or not files:
+            return _run(model, files, names, scales, views, per_batch, num_workers, dev, bar)
+        return _through_cache(
+            model,
+            files,
+            names,
+            scales,
+            views,
+            per_batch,
+            num_workers,
+            dev,
+            bar,
+            Path(cache_dir),
+            shard_size,
+            name,
+        )
+    finally:
+        bar.close()
+
+
+def _through_cache(
+    model: nn.Module,
+    files: list[Path],
+    names: list[str],
+    scales: Sequence[int],
+    views: ViewsOf | Sequence[list[View]],
+    per_batch: int,
+    num_workers: int,
+    dev: torch.device,
+    bar: Any,
+    cache_dir: Path,
+    shard_size: int,
+    name: str | None,
+) -> ViewDescriptors:
+    shard_size = -(-shard_size // per_batch) * per_batch
+    precomputed = not callable(views)
+    settings: dict[str, Any] = {
+        "format": SHARD_FORMAT,
+        "model": model_fingerprint(model),
+        "scales": list(scales),
+        "transform": stable_repr(eval_transform(0)),
+        "views": "precomputed" if precomputed else _views_key(views),
+        "images_per_batch": per_batch,
+        "shard_size": shard_size,
+        "device": dev.type if dev.type != "cuda" else f"cuda:{torch.cuda.get_device_name(dev)}",
+        "torch": torch.__version__,
+    }
+    directory = shard_directory(cache_dir, settings, name or default_name(files))
+    directory.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(directory)
+    settings_json = json.dumps(settings, sort_keys=True, default=str)
+    n_shards = -(-len(files) // shard_size)
+    parts: list[ViewDescriptors] = []
+    one_row_per_image = views is whole_image
+    out: list[np.ndarray] | None = None
+    reused = reused_images = 0
+    for s in range(n_shards):
+        start, stop = s * shard_size, min((s + 1) * shard_size, len(files))
+        shard_views = views[start:stop] if precomputed else views  # type: ignore[index]
+        attrs = {
+            "format": SHARD_FORMAT,
+            "model": settings["model"],
+            "settings": settings_json,
+            "listing": listing_fingerprint(
+                files[start:stop],
+                image_size=None,
+                extra={"settings": settings_json, "views": _views_key(shard_views) if precomputed else ""},
+            ),
+        }
+        path = directory / f"shard-{s:05d}.h5"
+        arrays = read_shard(path, attrs, names[start:stop])
+        if arrays is not None:
+            part = ViewDescriptors.from_arrays(arrays)
+            reused += 1
+            reused_images += stop - start
+            bar.update(stop - start)
+        else:
+            part = _run(
+                model,
+                files[start:stop],
+                names[start:stop],
+                scales,
+                shard_views,
+                per_batch,
+                num_workers,
+                dev,
+                bar,
             )
-        out.append(descriptors)
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
-
-
-def image_dataset(
-    paths: Sequence[os.PathLike[str] | str], image_size: int, skip_bad: bool = False
-) -> ImageFolderDataset:
-    """An evaluation dataset over ``paths`` with the standard resize-to-square transform."""
-    return ImageFolderDataset(paths, transform=eval_transform(image_size), skip_bad=skip_bad)
+            write_shard(path, attrs, part.to_arrays())
+        if one_row_per_image:  # fill the result in place: no second copy of a million descriptors
+            if out is None:
+                out = [np.empty((len(files), x.shape[1]), np.float32) for x in part.per_scale]
+            for o, x in zip(out, part.per_scale, strict=True):
+                if x.shape[1] != o.shape[1]:
+                    raise ValueError(f"shard {path} has dimension {x.shape[1]}, others {o.shape[1]}")
+                o[start:stop] = x
+            part.per_scale = []
+        parts.append(part)
+        bar.set_postfix(reused=f"{reused}/{s + 1} shards")
+    log.info(
+        "%s: reused %d of %d shards (%d images) from %s",
+        name or "images",
+        reused,
+        n_shards,
+        reused_images,
+        directory,
+    )
+    result = ViewDescriptors.concat(parts)
+    if out is not None:
+        result.per_scale = out
+    return result

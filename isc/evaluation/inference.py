@@ -18,13 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
-import os
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from isc.data.images import load_image
 from isc.evaluation.aggregate import (
     Candidates,
     PairScores,
@@ -45,20 +38,19 @@ from isc.evaluation.aggregate import (
     merge_topk,
     view_penalty,
 )
-from isc.evaluation.extract import eval_transform, resolve_device
-from isc.evaluation.matches import GroundTruth, Predictions
-from isc.evaluation.metrics import Metrics, evaluate
-from isc.evaluation.pipeline import Ensemble, EvaluationSettings
-from isc.evaluation.postprocess import PCAWhitening, l2_normalize, query_bias
+from isc.evaluation.extract import ViewDescriptors, ViewsOf, extract, whole_image
+from isc.evaluation.matching import fit_postprocessing
+from isc.evaluation.metrics import evaluate
+from isc.evaluation.postprocess import l2_normalize
+from isc.evaluation.results import EvaluationResult, Evidence, StageResult
 from isc.evaluation.search import knn
-from isc.evaluation.shards import cached_arrays, listing_fingerprint, model_fingerprint, stable_repr
-from isc.evaluation.views import View, apply_view, query_views, reference_views
+from isc.evaluation.settings import Ensemble, EvaluationSettings
+from isc.evaluation.views import View, query_views, reference_views
+from isc.formats.pairs import GroundTruth, Predictions
 
-__all__ = ["ConcatModel", "StageOutcome", "TestStageResult", "run_test_stage"]
+__all__ = ["ConcatModel", "TestStageRows", "run_test_stage"]
 
 log = logging.getLogger(__name__)
-
-ViewsOf = Callable[[Image.Image], list[View]]
 
 
 class ConcatModel(nn.Module):
@@ -77,191 +69,6 @@ class ConcatModel(nn.Module):
         return F.normalize(torch.cat([F.normalize(m(images), dim=-1) for m in self.models], dim=1), dim=-1)
 
 
-class _ViewImages(Dataset):
-    """Each image's views resized to every scale: ``([tensor (n_views, 3, s, s) per scale], views, size, index)``."""
-
-    def __init__(
-        self, paths: Sequence[Path], scales: Sequence[int], views_of: ViewsOf | Sequence[list[View]]
-    ) -> None:
-        self.paths, self.views_of = list(paths), views_of
-        self.transforms = [eval_transform(s) for s in scales]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], list[View], tuple[int, int], float, int]:
-        image = load_image(self.paths[index])
-        started = time.perf_counter()
-        views = self.views_of(image) if callable(self.views_of) else self.views_of[index]
-        view_seconds = time.perf_counter() - started if callable(self.views_of) else 0.0
-        crops = [apply_view(image, v) for v in views]
-        tensors = [torch.stack([t(c) for c in crops]) for t in self.transforms]
-        return tensors, views, image.size, view_seconds, index
-
-
-def _collate(
-    batch: list,
-) -> tuple[list[torch.Tensor], list[list[View]], list[tuple[int, int]], float, list[int]]:
-    n_scales = len(batch[0][0])
-    tensors = [torch.cat([b[0][s] for b in batch]) for s in range(n_scales)]
-    return (
-        tensors,
-        [b[1] for b in batch],
-        [b[2] for b in batch],
-        sum(b[3] for b in batch),
-        [b[4] for b in batch],
-    )
-
-
-@dataclass
-class _Extracted:
-    """Descriptors of every view of every image: per scale (n_views_total, d); ``owner`` (n_views_total,)."""
-
-    per_scale: list[np.ndarray]
-    views: list[list[View]]
-    sizes: list[tuple[int, int]]
-    owner: np.ndarray
-    model_seconds: np.ndarray  # (n_scales,) forward seconds per scale
-    view_seconds: float
-
-
-@dataclass(frozen=True)
-class _Cache:
-    """Where one model's test-stage extractions go (``evaluation.cache_dir``), so a killed run resumes."""
-
-    directory: Path
-    model_key: str  # isc.evaluation.shards.model_fingerprint of the model
-
-
-def _views_key(views_of: ViewsOf | Sequence[list[View]]) -> str:
-    """What decides the views: the function and its settings, or the precomputed views themselves."""
-    if callable(views_of):
-        return stable_repr(views_of)
-    return hashlib.sha256(
-        repr([[dataclasses.astuple(v) for v in vs] for vs in views_of]).encode()
-    ).hexdigest()
-
-
-def _pack(e: _Extracted) -> dict[str, np.ndarray]:
-    flat = [v for vs in e.views for v in vs]
-    return {
-        **{f"scale{i}": x for i, x in enumerate(e.per_scale)},
-        "view_kind": np.array([v.kind for v in flat], dtype="S16"),
-        "view_box": np.array([v.box for v in flat], dtype=np.int64).reshape(-1, 4),
-        "view_rotation": np.array([v.rotation for v in flat], dtype=np.int64),
-        "views_per_image": np.array([len(vs) for vs in e.views], dtype=np.int64),
-        "sizes": np.array(e.sizes, dtype=np.int64).reshape(-1, 2),
-        "owner": e.owner,
-        "model_seconds": e.model_seconds,
-        "view_seconds": np.array(e.view_seconds),
-    }
-
-
-def _unpack(a: Mapping[str, np.ndarray]) -> _Extracted:
-    flat = [
-        View(kind.decode(), tuple(int(c) for c in box), int(rot))  # type: ignore[arg-type]
-        for kind, box, rot in zip(a["view_kind"], a["view_box"], a["view_rotation"], strict=True)
-    ]
-    ends = np.cumsum(a["views_per_image"])
-    views = [flat[end - n : end] for n, end in zip(a["views_per_image"], ends, strict=True)]
-    return _Extracted(
-        [a[f"scale{i}"] for i in range(len(a["model_seconds"]))],
-        views,
-        [(int(w), int(h)) for w, h in a["sizes"]],
-        a["owner"],
-        a["model_seconds"],
-        float(a["view_seconds"]),
-    )
-
-
-def _extract(
-    model: nn.Module,
-    paths: Sequence[Path],
-    scales: Sequence[int],
-    views_of: ViewsOf | Sequence[list[View]],
-    settings: EvaluationSettings,
-    views_per_image: int,
-    desc: str,
-    cache: _Cache | None = None,
-    name: str = "",
-) -> _Extracted:
-    """Every view of every image at every scale; through ``cache`` when given (read back if it matches)."""
-    compute = functools.partial(_extract_now, model, paths, scales, views_of, settings, views_per_image, desc)
-    if cache is None:
-        return compute()
-    key = {
-        "format": "isc-test-stage-v1",
-        "model": cache.model_key,
-        "images": listing_fingerprint(paths, image_size=None),
-        "settings": json.dumps(
-            {
-                "scales": list(scales),
-                "views": _views_key(views_of),
-                "batch_size": settings.batch_size,
-                "views_per_image": views_per_image,
-                "device": str(resolve_device(settings.device).type),
-                "torch": torch.__version__,
-            },
-            sort_keys=True,
-        ),
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = cache.directory / cache.model_key[:16] / f"{name}-{digest}.h5"
-    return _unpack(cached_arrays(path, key, lambda: _pack(compute())))
-
-
-@torch.no_grad()
-def _extract_now(
-    model: nn.Module,
-    paths: Sequence[Path],
-    scales: Sequence[int],
-    views_of: ViewsOf | Sequence[list[View]],
-    settings: EvaluationSettings,
-    views_per_image: int,
-    desc: str,
-) -> _Extracted:
-    device = resolve_device(settings.device)
-    model = model.to(device).eval()
-    dataset = _ViewImages(paths, scales, views_of)
-    loader = DataLoader(
-        dataset,
-        batch_size=max(1, settings.batch_size // views_per_image),
-        num_workers=min(settings.num_workers, os.cpu_count() or 1),
-        collate_fn=_collate,
-    )
-    per_scale: list[list[np.ndarray]] = [[] for _ in scales]
-    views: list[list[View]] = []
-    sizes: list[tuple[int, int]] = []
-    owner: list[np.ndarray] = []
-    model_seconds = np.zeros(len(scales))
-    view_seconds = 0.0
-    for tensors, batch_views, batch_sizes, vs, indices in tqdm(loader, desc=desc, unit="batch", leave=False):
-        for s, x in enumerate(tensors):
-            started = time.perf_counter()
-            out = model(x.to(device)).float().cpu().numpy()
-            model_seconds[s] += time.perf_counter() - started
-            if not np.isfinite(out).all():
-                raise ValueError(f"non-finite descriptor in a batch starting at image {paths[indices[0]]}")
-            if not out.any(axis=1).all():
-                raise ValueError(
-                    f"all-zero descriptor in a batch starting at image {paths[indices[0]]}: it would match "
-                    "nothing (a collapsed model, or views too small for the backbone?)"
-                )
-            per_scale[s].append(out)
-        views += batch_views
-        sizes += batch_sizes
-        owner += [np.full(len(v), i, dtype=np.int64) for v, i in zip(batch_views, indices, strict=True)]
-        view_seconds += vs
-    return _Extracted(
-        [np.concatenate(p) for p in per_scale],
-        views,
-        sizes,
-        np.concatenate(owner),
-        model_seconds,
-        view_seconds,
-    )
-
-
 def _entries(per_scale: list[np.ndarray], multiscale: str) -> list[np.ndarray]:
     """The descriptor sets searched separately: entry 0 is the first scale alone (the global stage);
     then the mean over scales (``mean``) or every other scale (``max``)."""
@@ -274,81 +81,44 @@ def _entries(per_scale: list[np.ndarray], multiscale: str) -> list[np.ndarray]:
 
 
 @dataclass
-class _PostProcess:
-    """Whitening and score-normalisation state of one descriptor entry (fitted on training)."""
+class _Scored:
+    """A stage's result and the aggregated pairs behind it (their best rows, for the evidence)."""
 
-    whitening: PCAWhitening | None
-    training: np.ndarray | None
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        x = self.whitening.transform(x) if self.whitening is not None else x
-        return np.asarray(l2_normalize(np.ascontiguousarray(x, dtype=np.float32)))
-
-    @classmethod
-    def fit(cls, training: np.ndarray | None, settings: EvaluationSettings) -> _PostProcess:
-        whitening = None
-        if settings.whitening_dim and training is not None:
-            if settings.whitening_dim > training.shape[1]:
-                raise ValueError(
-                    f"evaluation.whitening.dim={settings.whitening_dim} exceeds the descriptor's "
-                    f"{training.shape[1]} dims"
-                )
-            whitening = PCAWhitening.fit(
-                training, dim=settings.whitening_dim, eigen_power=settings.whitening.eigen_power
-            )
-        pp = cls(whitening, None)
-        if training is not None:
-            pp.training = pp.apply(training)
-        return pp
+    stage: StageResult
+    pairs: PairScores
 
 
 @dataclass
-class StageOutcome:
-    """One row of the per-stage table: what the stage adds, its predictions and metrics."""
+class TestStageRows:
+    """Every model's candidate rows, and what a row's indices point into (views, sizes, scale names).
 
-    name: str
-    predictions: Predictions
-    metrics: Metrics | None
-    seconds_per_query: float
-    pairs: PairScores = field(repr=False)
+    Kept on the result (``EvaluationResult.rows``) for the report's evidence and for inspection.
+    """
 
+    candidates: Candidates
+    query_views: list[View]  # flat, indexed by Candidates.query_view
+    reference_sizes: list[tuple[int, int]]
+    scale_names: list[str]
 
-@dataclass
-class TestStageResult:
-    """Every stage's outcome (the last is final), and what the report needs to show where a copy is."""
+    def evidence(self, scored: _Scored) -> dict[tuple[str, str], Evidence]:
+        """For each predicted pair: the boxes of the query and reference views of its best row, and a label.
 
-    stages: list[StageOutcome]
-    candidates: Candidates = field(repr=False)
-    query_views: list[View] = field(repr=False)  # flat, indexed by Candidates.query_view
-    reference_sizes: list[tuple[int, int]] = field(repr=False)
-    query_descriptors: np.ndarray = field(repr=False)  # global stage, post-processed, one per query
-    reference_descriptors: np.ndarray = field(repr=False)
-    training_descriptors: np.ndarray | None = field(repr=False)
-    scale_names: list[str] = field(default_factory=list)
-
-    @property
-    def final(self) -> StageOutcome:
-        return self.stages[-1]
-
-    def evidence(self, stage: StageOutcome | None = None) -> dict[tuple[str, str], tuple[View, View, str]]:
-        """For each predicted pair: the query view and reference view of its best row, and a label."""
-        stage = stage or self.final
-        out: dict[tuple[str, str], tuple[View, View, str]] = {}
-        p, c = stage.pairs, self.candidates
+        Boxes only where a part of the image won: the whole frame needs none.
+        """
+        out: dict[tuple[str, str], Evidence] = {}
+        p, c, predictions = scored.pairs, self.candidates, scored.stage.predictions
         for i in range(len(p)):
             row = int(p.row[i])
             qv = self.query_views[int(c.query_view[row])]
             w, h = self.reference_sizes[int(c.reference[row])]
             crop = int(c.reference_view[row])  # most winners are whole references: skip the 19 boxes
-            rv = reference_views(w, h, crops=True)[crop] if crop else View("original", (0, 0, w, h))
+            rv = reference_views(w, h, crops=True)[crop] if crop else None
             label = f"{qv.kind} view, {self.scale_names[int(c.scale[row])]}, model {int(c.model[row])}"
-            key = (str(stage.predictions.query_ids[i]), str(stage.predictions.reference_ids[i]))
-            out[key] = (qv, rv, label)
+            key = (str(predictions.query_ids[i]), str(predictions.reference_ids[i]))
+            out[key] = Evidence(
+                None if qv.kind == "original" else qv.box, None if rv is None else rv.box, label
+            )
         return out
-
-
-def _original(image: Image.Image) -> list[View]:
-    return [View("original", (0, 0, image.width, image.height))]
 
 
 def _reference_crops(image: Image.Image) -> list[View]:
@@ -363,18 +133,18 @@ def run_test_stage(
     settings: EvaluationSettings,
     ground_truth: GroundTruth | None = None,
     cache_dir: Path | None = None,
-) -> TestStageResult:
+) -> EvaluationResult:
     """Score queries against references with every configured step; see the module docstring.
 
     ``cache_dir``: every extraction (training, query views, each reference block and its crops, per
-    model) is kept there as it finishes, and a rerun with the same models, settings and images reads
-    it back instead: a killed run resumes where it stopped, to the same predictions and descriptors.
+    model) goes through the extraction engine's shard cache there, so a rerun with the same models,
+    settings and images reads it back: a killed run resumes where it stopped, to the same outputs.
 
-    ``paths`` / ``ids``: ``queries``, ``references`` and optionally ``training`` (already filtered of bad
-    images). ``models``: one model, or the ensemble's (already combined into one :class:`ConcatModel` by
-    the caller when ``ensemble.rule == "concat"``).
+    ``paths`` / ``ids``: ``queries``, ``references`` and optionally ``training`` (already screened).
+    ``models``: one model, or the ensemble's (already combined into one :class:`ConcatModel` by the
+    caller when ``ensemble.rule == "concat"``). ``settings`` are resolved for the training set.
     """
-    s = settings.for_training_set(len(paths.get("training", ())))
+    s = settings
     scales = list(s.scales or [s.image_size])
     if len(paths["queries"]) == 0 or len(paths["references"]) == 0:
         raise ValueError("the test stage needs at least one query and one reference image")
@@ -384,43 +154,45 @@ def run_test_stage(
         names = [f"{scales[0]} px", "mean of " + "/".join(map(str, scales)) + " px"]
     else:
         names = [f"{x} px" for x in scales]
-    expansion = s.local_verification.query if s.local_verification.enabled else None
-    views_of: ViewsOf | Sequence[list[View]] = (
-        functools.partial(query_views, expansion=expansion) if expansion is not None else _original
+    config = s.local_verification.query if s.local_verification.enabled else None
+    views: ViewsOf | Sequence[list[View]] = (
+        functools.partial(query_views, config=config) if config is not None else whole_image
     )
     parts: list[Candidates] = []
     forward_seconds = np.zeros((len(models), len(names)))
     view_seconds = 0.0
-    searched: _Searched | None = None
+    first: _ModelPass | None = None
     for m, model in enumerate(models):
         tag = f"model {m + 1}/{len(models)}: " if len(models) > 1 else ""
-        cache = (
-            None if cache_dir is None else _Cache(Path(cache_dir) / "test-stage", model_fingerprint(model))
-        )
-        one = _search_model(model, m, paths, scales, views_of, s, tag, cache)
+        one = _search_model(model, m, paths, scales, views, s, tag, cache_dir)
         parts += one.candidates
         forward_seconds[m] = one.forward_seconds
-        if searched is None:  # views are a function of the image: compute them once, reuse them
-            searched, view_seconds = one, one.view_seconds
-            views_of = one.views
-    assert searched is not None
-    flat_views = [v for views in searched.views for v in views]
-    result = TestStageResult(
-        [],
-        Candidates.concat(parts),
-        flat_views,
-        searched.reference_sizes,
-        searched.global_query,
-        searched.global_reference,
-        searched.global_training,
-        names,
+        if first is None:  # views are a function of the image: compute them once, reuse them
+            first, view_seconds = one, one.view_seconds
+            views = one.views
+    assert first is not None
+    searched = TestStageRows(
+        Candidates.concat(parts), [v for vs in first.views for v in vs], first.reference_sizes, names
     )
-    result.stages = _stages(result, s, ids, ground_truth, forward_seconds, view_seconds)
-    return result
+    scored = _stages(searched, s, ids, ground_truth, forward_seconds, view_seconds)
+    post = " + ".join([s.describe()] + [x.stage.name.removeprefix("+ ") for x in scored[1:]])
+    q_ids, r_ids = np.asarray(ids["queries"]), np.asarray(ids["references"])
+    return EvaluationResult(
+        [x.stage for x in scored],
+        post,
+        q_ids,
+        first.global_query,
+        r_ids,
+        first.global_reference,
+        np.asarray(ids["training"]) if first.global_training is not None else None,
+        first.global_training,
+        evidence=searched.evidence(scored[-1]) if ground_truth is not None else None,
+        rows=searched,
+    )
 
 
 @dataclass
-class _Searched:
+class _ModelPass:
     """What one model's pass produced: candidate rows, the views it used, timings, global descriptors."""
 
     candidates: list[Candidates]
@@ -451,37 +223,52 @@ def _search_model(
     m: int,
     paths: Mapping[str, Sequence[Path]],
     scales: list[int],
-    views_of: ViewsOf | Sequence[list[View]],
+    views: ViewsOf | Sequence[list[View]],
     s: EvaluationSettings,
     tag: str,
-    cache: _Cache | None = None,
-) -> _Searched:
+    cache_dir: Path | None = None,
+) -> _ModelPass:
     """One model: training -> post-processing per entry -> query views -> references block by block."""
     lv = s.local_verification
+
+    def run(
+        files: Sequence[Path],
+        at: Sequence[int],
+        of: ViewsOf | Sequence[list[View]],
+        per_image: int,
+        desc: str,
+        name: str,
+    ) -> ViewDescriptors:
+        return extract(
+            model,
+            files,
+            scales=at,
+            views=of,
+            views_per_image=per_image,
+            batch_size=s.batch_size,
+            num_workers=s.num_workers,
+            device=s.device,
+            cache_dir=cache_dir,
+            shard_size=s.shard_size,
+            name=name,
+            desc=desc,
+        )
+
     training = None
     if len(paths.get("training", ())):
         training = _entries(
-            _extract(
-                model, paths["training"], scales, _original, s, 1, f"{tag}training", cache, "training"
-            ).per_scale,
+            run(paths["training"], scales, whole_image, 1, f"{tag}training", "training").per_scale,
             s.multiscale,
         )
-    per_image = 1 if views_of is _original else 20
-    q = _extract(model, paths["queries"], scales, views_of, s, per_image, f"{tag}queries", cache, "queries")
+    per_image = 1 if views is whole_image else 20
+    q = run(paths["queries"], scales, views, per_image, f"{tag}queries", "queries")
     q_entries = _entries(q.per_scale, s.multiscale)
-    post = [_PostProcess.fit(training[e] if training else None, s) for e in range(len(q_entries))]
+    post = [fit_postprocessing(training[e] if training else None, s) for e in range(len(q_entries))]
     queries = [pp.apply(x) for pp, x in zip(post, q_entries, strict=True)]
     n_entries = len(q_entries)
     del q_entries
     q.per_scale = []  # raw views are not needed past post-processing: free them before the reference loop
-    biases = [
-        query_bias(
-            x, pp.training, k=s.score_normalization.k, beta=s.score_norm_beta, backend=s.search_backend
-        )
-        if s.score_norm_beta and pp.training is not None
-        else None
-        for pp, x in zip(post, queries, strict=True)
-    ]
+    biases = [pp.bias(x) for pp, x in zip(post, queries, strict=True)]
     t = q.model_seconds  # forward seconds per scale; a mean entry costs every scale
     forward = np.r_[t[0], t.sum()] if n_entries == 2 and s.multiscale == "mean" else t[:n_entries]
     original = np.flatnonzero([v.kind == "original" for views in q.views for v in views])
@@ -500,8 +287,8 @@ def _search_model(
     for start in range(0, len(ref_paths), s.reference_block):
         block = ref_paths[start : start + s.reference_block]
         where = f"{tag}references {start}-{start + len(block)} of {len(ref_paths)}"
-        r = _extract(model, block, scales, _original, s, 1, where, cache, f"references-{start:09d}")
-        sizes += r.sizes
+        r = run(block, scales, whole_image, 1, where, f"references-{start:09d}")
+        sizes += [(int(w), int(h)) for w, h in r.sizes]
         rows = n_ref_views + np.arange(len(block))
         ref_tables.append(np.stack([r.owner + start, np.zeros(len(block), dtype=np.int64)], axis=1))
         n_ref_views += len(block)
@@ -513,15 +300,12 @@ def _search_model(
         if lv.reference_crops:
             # D2LV matches the original query against the 19 crops at its first scale only (Test/README.md:
             # "OQ+AR should NOT be repeated" at 200 / 320 px)
-            rc = _extract(
-                model,
+            rc = run(
                 block,
                 scales[:1],
                 _reference_crops,
-                s,
                 18,
                 f"{where}: 18 crops each",
-                cache,
                 f"references-{start:09d}-crops",
             )
             crop_index = np.concatenate([np.arange(1, len(v) + 1) for v in rc.views])
@@ -554,7 +338,7 @@ def _search_model(
                 model=np.full(len(i), m),
             )
         )
-    return _Searched(
+    return _ModelPass(
         candidates,
         q.views,
         sizes,
@@ -567,13 +351,13 @@ def _search_model(
 
 
 def _stages(
-    result: TestStageResult,
+    result: TestStageRows,
     s: EvaluationSettings,
     ids: Mapping[str, Sequence[str]],
     ground_truth: GroundTruth | None,
     forward_seconds: np.ndarray,
     view_seconds: float,
-) -> list[StageOutcome]:
+) -> list[_Scored]:
     """Cumulative stages over the same candidate rows: each adds one step to the previous one.
 
     ``forward_seconds`` (n_models, n_entries): model time spent on the query views of each descriptor
@@ -627,13 +411,13 @@ def _score(
     name: str,
     rows: np.ndarray,
     local: bool,
-    result: TestStageResult,
+    result: TestStageRows,
     s: EvaluationSettings,
     ids: Mapping[str, Sequence[str]],
     ground_truth: GroundTruth | None,
     seconds_per_query: float,
     ensemble: Ensemble | None = None,
-) -> StageOutcome:
+) -> _Scored:
     """Penalise, vote (ensembles), aggregate and cap the selected rows, then score them."""
     c, lv = result.candidates, s.local_verification
     index = np.flatnonzero(rows)
@@ -653,4 +437,4 @@ def _score(
     q_ids, r_ids = np.asarray(ids["queries"]), np.asarray(ids["references"])
     predictions = Predictions(q_ids[pairs.query], r_ids[pairs.reference], pairs.score)
     metrics = evaluate(ground_truth, predictions) if ground_truth is not None else None
-    return StageOutcome(name, predictions, metrics, seconds_per_query, pairs)
+    return _Scored(StageResult(name, predictions, metrics, seconds_per_query), pairs)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from isc.evaluation.matches import GroundTruth, Predictions
+from isc.formats.pairs import GroundTruth, Predictions
 
 __all__ = [
     "Metrics",
@@ -220,7 +220,7 @@ def evaluate(ground_truth: GroundTruth, predictions: Predictions) -> Metrics:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: print the metrics of a predictions CSV against a ground-truth CSV as one JSON object."""
-    from isc.evaluation.io import read_ground_truth, read_predictions
+    from isc.formats.pair_csv import read_ground_truth, read_predictions
 
     parser = argparse.ArgumentParser(prog="python -m isc.evaluation.metrics", description=main.__doc__)
     parser.add_argument("ground_truth", help="CSV with header query_id,reference_id (empty = no match)")

@@ -16,6 +16,7 @@ import contextlib
 import os
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from isc.evaluation.search import Backend, knn
 
 __all__ = [
     "PCAWhitening",
+    "PostProcessing",
+    "check_whitening_dim",
     "fold_score_normalization",
     "l2_normalize",
     "normalize_scores",
@@ -296,3 +299,66 @@ def fold_score_normalization(
         [references.astype(np.float32, copy=False), np.ones((len(references), 1), dtype=np.float32)], axis=1
     )
     return q, r
+
+
+def check_whitening_dim(dim: int | None, descriptor_dim: int) -> None:
+    """The one check of the whitening dimension against the descriptor's, before or at fitting."""
+    if dim is not None and dim > descriptor_dim:
+        raise ValueError(
+            f"evaluation.whitening.dim={dim} exceeds the descriptor's {descriptor_dim} dims: lower it"
+        )
+
+
+@dataclass
+class PostProcessing:
+    """The test-time post-processing of one descriptor set, fitted once on training descriptors.
+
+    :meth:`apply` whitens (when fitted with a ``whitening_dim``) and L2-normalises; :meth:`bias` gives the
+    score-normalisation term of already-applied queries against the applied training descriptors
+    (``None`` when off). Global matching, every scale and view of the test stage, and the callback all use
+    this one object, so the descriptors they compare are processed the same way.
+    """
+
+    whitening: PCAWhitening | None = None
+    training: np.ndarray | None = None  # applied training descriptors (score normalisation's reference set)
+    beta: float | None = None
+    k: int = 10
+    backend: Backend = "faiss"
+    device: str | torch.device | None = None
+
+    @classmethod
+    def fit(
+        cls,
+        training: np.ndarray | None,
+        *,
+        whitening_dim: int | None = None,
+        eigen_power: float = -0.5,
+        beta: float | None = None,
+        k: int = 10,
+        backend: Backend = "faiss",
+        device: str | torch.device | None = None,
+    ) -> PostProcessing:
+        """Fit PCA-whitening on the raw ``training`` descriptors (n, d) when ``whitening_dim`` is set."""
+        if (whitening_dim or beta) and training is None:
+            raise ValueError("whitening and score normalisation need training descriptors")
+        whitening = None
+        if whitening_dim and training is not None:
+            check_whitening_dim(whitening_dim, training.shape[1])
+            whitening = PCAWhitening.fit(training, dim=whitening_dim, eigen_power=eigen_power)
+        post = cls(whitening, None, beta or None, k, backend, device)
+        if training is not None:
+            post.training = post.apply(training)
+        return post
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """(n, d) -> (n, dim) float32 unit rows: whitened when fitted so, then L2-normalised."""
+        x = self.whitening.transform(x) if self.whitening is not None else x
+        return np.asarray(l2_normalize(np.ascontiguousarray(x, dtype=np.float32)))
+
+    def bias(self, queries: np.ndarray) -> np.ndarray | None:
+        """``beta * mean(top-k q.t)`` per applied query (nq,), or ``None`` without score normalisation."""
+        if not self.beta or self.training is None:
+            return None
+        return query_bias(
+            queries, self.training, k=self.k, beta=self.beta, backend=self.backend, device=self.device
+        )

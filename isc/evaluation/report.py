@@ -31,11 +31,12 @@ import numpy as np
 from PIL import Image
 
 from isc.data.images import load_image
-from isc.evaluation.io import atomic_write
-from isc.evaluation.matches import GroundTruth, Predictions, pair_codes
 from isc.evaluation.metrics import evaluate, match_ranks, precision_recall_curve
+from isc.evaluation.results import Evidence, StageResult
+from isc.formats.files import atomic_write
+from isc.formats.pairs import GroundTruth, Predictions, pair_codes
 
-__all__ = ["Evidence", "Stage", "render_report", "report_figures", "write_report"]
+__all__ = ["render_report", "report_figures", "write_report"]
 
 THUMBNAIL_SIZE = 192
 """Longer side, in pixels, of the thumbnails (small enough that a 24-card page stays well under 1 MB)."""
@@ -46,31 +47,6 @@ _METRICS = (
     ("recall_at_rank1", "recall@1"),
     ("recall_at_rank10", "recall@10"),
 )
-
-
-@dataclass(frozen=True)
-class Stage:
-    """The metrics after one step of the pipeline, so the page can show what each step added.
-
-    ``metrics`` holds ``uAP``, ``recall_at_p90``, ``recall_at_rank1``, ``recall_at_rank10``; ``None`` (or a
-    missing key) is shown as n/a.
-    """
-
-    name: str
-    metrics: Mapping[str, float | None]
-    seconds_per_query: float | None = None
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """Where the winning score of a pair came from, so a reader can see *what* the detector matched.
-
-    Boxes are ``(x0, y0, x1, y1)`` in the pixels of the original image (as :func:`load_image` returns it).
-    """
-
-    query_box: tuple[int, int, int, int] | None = None
-    reference_box: tuple[int, int, int, int] | None = None
-    label: str = ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -696,8 +672,8 @@ footer { color: var(--muted); font-size: 13px; text-align: center; margin: 18px 
 """
 
 
-def _tiles(stage: Stage | None, metrics: Mapping[str, Any], p90: Mapping[str, float] | None) -> str:
-    values = stage.metrics if stage is not None else metrics
+def _tiles(stage: StageResult | None, metrics: Mapping[str, Any], p90: Mapping[str, float] | None) -> str:
+    values = stage.figures if stage is not None else metrics
     tiles = []
     for key, name in _METRICS:
         value = _finite(values.get(key))
@@ -717,13 +693,13 @@ def _tiles(stage: Stage | None, metrics: Mapping[str, Any], p90: Mapping[str, fl
     return f'<div class="tiles" title="{source}">{"".join(tiles)}</div>'
 
 
-def _stage_table(stages: Sequence[Stage]) -> str:
+def _stage_table(stages: Sequence[StageResult]) -> str:
     """Each stage's metrics and the change from the stage before: which step earned its cost."""
     if not stages:
         return '<p class="empty">No stages were recorded.</p>'
     columns = [*_METRICS, ("seconds_per_query", "time / query")]
     table = [
-        [_finite(s.seconds_per_query if k == "seconds_per_query" else s.metrics.get(k)) for k, _ in columns]
+        [_finite(s.seconds_per_query if k == "seconds_per_query" else s.figures.get(k)) for k, _ in columns]
         for s in stages
     ]
     best: list[float | None] = []
@@ -761,7 +737,7 @@ def render_report(
     *,
     predictions: Predictions,
     ground_truth: GroundTruth,
-    stages: Sequence[Stage],
+    stages: Sequence[StageResult],
     query_paths: Mapping[str, str | os.PathLike[str]],
     reference_paths: Mapping[str, str | os.PathLike[str]],
     evidence: Mapping[tuple[str, str], Evidence] | None = None,
@@ -873,7 +849,7 @@ def write_report(
     *,
     predictions: Predictions,
     ground_truth: GroundTruth,
-    stages: Sequence[Stage],
+    stages: Sequence[StageResult],
     query_paths: Mapping[str, str | os.PathLike[str]],
     reference_paths: Mapping[str, str | os.PathLike[str]],
     evidence: Mapping[tuple[str, str], Evidence] | None = None,

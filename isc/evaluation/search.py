@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 import torch
 
-from isc.evaluation.matches import Predictions
+from isc.formats.pairs import Predictions
 
 __all__ = [
     "FAISS_GPU_MAX_K",

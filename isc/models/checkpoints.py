@@ -10,20 +10,37 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from isc.models.trunks import Trunk
-
 log = logging.getLogger(__name__)
 
-__all__ = ["KeyMap", "LoadReport", "load_state_dict_file", "load_trunk_weights", "read_checkpoint"]
+__all__ = [
+    "KeyMap",
+    "LoadReport",
+    "WeightTarget",
+    "load_state_dict_file",
+    "load_trunk_weights",
+    "read_checkpoint",
+]
 
 KeyMap = Callable[[str], str | None]
 """Renames one checkpoint key (prefix already stripped) to the trunk's naming, or ``None`` to skip it."""
+
+
+class WeightTarget(Protocol):
+    """What a network must tell the loader (:class:`isc.models.trunks.Trunk` does): no import of trunks here.
+
+    ``weights_root`` names the submodule whose keys follow the source library's naming; ``key_maps`` are
+    other namings of the same weights to try.
+    """
+
+    weights_root: str
+    key_maps: tuple[KeyMap, ...]
+
+    def get_submodule(self, target: str) -> nn.Module: ...
 
 
 _SECONDARY_NETWORKS = ("teacher", "target", "momentum", "ema", "encoder_k", "key_encoder")
@@ -125,7 +142,7 @@ def _prefix_allowed(candidate: str, wanted: str | None) -> bool:
 
 
 def load_trunk_weights(
-    trunk: Trunk,
+    trunk: WeightTarget,
     source: str | Path | Mapping[str, Any],
     prefix: str | None = None,
     strict: bool = True,

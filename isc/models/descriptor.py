@@ -187,7 +187,7 @@ def build_descriptor_model(spec: Mapping[str, Any]) -> DescriptorModel:
 
 def save_descriptor_model(model: DescriptorModel, path: str | Path) -> Path:
     """Write ``model`` as one self-contained file (spec + weights), atomically; returns the path."""
-    from isc.evaluation.io import atomic_write
+    from isc.formats.files import atomic_write
 
     payload = {
         "format": FILE_FORMAT,

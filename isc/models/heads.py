@@ -134,7 +134,7 @@ class BNNeckHead(nn.Module):
 class ProjectionHead(nn.Module):
     """SSCD-style projection (Pizzi et al., CVPR 2022): ``Linear (+ BatchNorm1d)`` then L2 normalisation.
 
-    (B, in_dim) -> (B, out_dim) unit vectors, ready for :func:`isc.losses.metric.infonce_loss` and for
+    (B, in_dim) -> (B, out_dim) unit vectors, ready for :func:`isc.losses.infonce_entropy.infonce_loss` and for
     inner-product search. SSCD: GeM(2048) -> Linear -> 512-d. The Linear drops its bias when BN follows
     (BN's shift makes it redundant).
     """

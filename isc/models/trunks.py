@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from isc.models.checkpoints import KeyMap, LoadReport, load_trunk_weights
+from isc.models.checkpoints import KeyMap, load_trunk_weights
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,6 @@ class Trunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
-
-    def load_weights(
-        self, source: str | Path | Mapping[str, Any], prefix: str | None = None, strict: bool = True
-    ) -> LoadReport:
-        """Shorthand for :func:`load_trunk_weights` on this trunk."""
-        return load_trunk_weights(self, source, prefix=prefix, strict=strict)
 
 
 class IBN(nn.Module):

@@ -1,13 +1,11 @@
-"""From descriptors to scored pairs and official metrics: the test stage of the ISC baselines and D2LV.
+"""The evaluation settings: the one immutable description of how descriptors are extracted and matched.
 
-``query, reference (, training)`` descriptors -> optional PCA-whitening fitted on training ->
-L2 normalisation -> kNN search -> optional score normalisation against training -> predictions
-capped at the official 500,000 -> metrics.
-
-:class:`EvaluationSettings` is the *one* description of how a model is evaluated. ``run.py`` parses the
-``evaluation:`` config into it once, and ``task=evaluate``, ``task=predict``-style runs and the per-epoch
-retrieval callback all pass it to :func:`match_descriptors`, so the number logged during training is the
-number ``task=evaluate`` prints for the same checkpoint.
+:class:`EvaluationSettings` mirrors ``conf/evaluation/`` (its defaults equal ``default.yaml``, a test
+checks it). A task parses the ``evaluation:`` config into it once (:meth:`EvaluationSettings.from_dict`
+refuses unknown keys and impossible values before any work), resolves it once for its dataset
+(:func:`isc.evaluation.runner.resolve_settings`), and hands that object to every step: extraction,
+matching, the test stage and the per-epoch callback, so the number logged during training is the number
+``task=evaluate`` prints for the same checkpoint.
 """
 
 from __future__ import annotations
@@ -16,32 +14,20 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from isc.data.images import Disc21Layout
-from isc.evaluation.matches import GroundTruth, Predictions
-from isc.evaluation.metrics import Metrics, evaluate
-from isc.evaluation.postprocess import PCAWhitening, l2_normalize, normalize_scores, query_bias
-from isc.evaluation.search import Backend, knn, predictions_from_knn
-from isc.evaluation.views import QueryExpansion
+from isc.evaluation.search import Backend
+from isc.evaluation.views import QueryViews
 
 __all__ = [
     "Ensemble",
     "EvaluationSettings",
     "LocalVerification",
-    "MatchingResult",
     "ScoreNormalization",
     "Whitening",
-    "headline_metrics",
-    "match_descriptors",
 ]
 
 log = logging.getLogger(__name__)
-
-METRIC_NAMES = ("uAP", "recall_at_p90", "recall_at_rank1", "recall_at_rank10")
 
 
 @dataclass(frozen=True)
@@ -66,14 +52,15 @@ class ScoreNormalization:
 class LocalVerification:
     """D2LV's local verification: query views and reference crops, and how their scores combine.
 
-    ``query`` holds :class:`isc.evaluation.views.QueryExpansion`'s keys (rotations, crops, proposals,
-    overlays, ...). ``penalty`` is subtracted from rows of any view whose kind is not in ``penalty_free``
-    (seed ``Test/final/combine.py``: 0.05 off everything but the original query and detected overlays);
-    a pair's score is the mean of its ``top`` best distinct view scores (seed: 2).
+    ``query`` holds :class:`isc.evaluation.views.QueryViews`' keys (rotations, crops, min_size, and the
+    nested ``proposals`` / ``overlays`` detector settings). ``penalty`` is subtracted from rows of any
+    view whose kind is not in ``penalty_free`` (seed ``Test/final/combine.py``: 0.05 off everything but
+    the original query and detected overlays); a pair's score is the mean of its ``top`` best distinct
+    view scores (seed: 2).
     """
 
     enabled: bool = False
-    query: QueryExpansion = field(default_factory=QueryExpansion)
+    query: QueryViews = field(default_factory=QueryViews)
     reference_crops: bool = False
     penalty: float = 0.05
     penalty_free: tuple[str, ...] = ("original", "overlay")
@@ -81,7 +68,7 @@ class LocalVerification:
 
     def __post_init__(self) -> None:
         if isinstance(self.query, Mapping):  # from the config: unknown keys fail here, before extraction
-            object.__setattr__(self, "query", QueryExpansion.from_dict(self.query))
+            object.__setattr__(self, "query", QueryViews.from_dict(self.query))
 
 
 @dataclass(frozen=True)
@@ -254,14 +241,6 @@ class EvaluationSettings:
             )
         return s
 
-    def split_paths(self, layout: Disc21Layout) -> dict[str, list[Path]]:
-        """The images each split evaluates on: all queries and references, the first ``max_training``
-        training images by id (D2LV fits its PCA on 20k of the 1M), or none without ``training/``."""
-        paths = {split: layout.paths(split) for split in ("queries", "references")}
-        if layout.has_split("training"):
-            paths["training"] = layout.paths("training")[: self.max_training]
-        return paths
-
     def describe(self) -> str:
         """The post-processing in words, for the printed headline."""
         parts = []
@@ -271,102 +250,3 @@ class EvaluationSettings:
             s = self.score_normalization
             parts.append(f"score normalisation (beta {s.beta:g}, k {s.k})")
         return " + ".join(parts) or "no post-processing"
-
-
-@dataclass
-class MatchingResult:
-    """Final predictions and their metrics, the plain-descriptor ("raw") metrics, and what was searched.
-
-    ``query``, ``reference`` and ``training`` are post-processed (whitened when enabled, L2-normalised).
-    ``raw_metrics`` score the L2-normalised descriptors without whitening or score normalisation; it is
-    ``None`` when no post-processing is configured (then it would equal ``metrics``).
-    """
-
-    predictions: Predictions
-    query: np.ndarray
-    reference: np.ndarray
-    training: np.ndarray | None = None
-    metrics: Metrics | None = None
-    raw_metrics: Metrics | None = None
-    whitening: PCAWhitening | None = field(default=None, repr=False)
-
-
-def headline_metrics(result: MatchingResult, prefix: str = "") -> dict[str, float]:
-    """``<prefix>uAP`` etc. with the configured post-processing and ``<prefix>uAP_raw`` etc. without it.
-
-    The one key naming every task uses (``task=evaluate`` with no prefix, the callback with ``val/``).
-    Undefined figures (recall at P90 never reached) are reported as 0 so curves stay continuous.
-    """
-    if result.metrics is None:
-        return {}
-    final = result.metrics.to_dict()
-    raw = (result.raw_metrics or result.metrics).to_dict()
-    out = {f"{prefix}{k}": float(final[k] or 0.0) for k in METRIC_NAMES}
-    out.update({f"{prefix}{k}_raw": float(raw[k] or 0.0) for k in METRIC_NAMES})
-    return out
-
-
-def _search(
-    query_ids: np.ndarray,
-    query: np.ndarray,
-    reference_ids: np.ndarray,
-    reference: np.ndarray,
-    s: EvaluationSettings,
-    bias: np.ndarray | None = None,
-) -> Predictions:
-    sims, idx = knn(query, reference, s.k, backend=s.search_backend, device=s.resolved_device)
-    if bias is not None:
-        sims = normalize_scores(sims, bias)
-    return predictions_from_knn(query_ids, reference_ids, sims, idx).top(s.max_predictions)
-
-
-def match_descriptors(
-    query_ids: np.ndarray,
-    query: np.ndarray,
-    reference_ids: np.ndarray,
-    reference: np.ndarray,
-    training: np.ndarray | None = None,
-    ground_truth: GroundTruth | None = None,
-    settings: EvaluationSettings | None = None,
-) -> MatchingResult:
-    """Match queries to references with ``settings``; evaluate against ``ground_truth`` when given.
-
-    Shapes: query (nq, d), reference (nr, d), training (nt, d) or None. Descriptors need not be
-    normalised: they are L2-normalised here (after whitening when enabled).
-    """
-    s = (settings or EvaluationSettings()).for_training_set(0 if training is None else len(training))
-    plain_query, plain_reference = np.asarray(l2_normalize(query)), np.asarray(l2_normalize(reference))
-    whitening = None
-    if s.whitening_dim:
-        assert training is not None  # for_training_set refused whitening without training images
-        if s.whitening_dim > query.shape[1]:
-            raise ValueError(
-                f"evaluation.whitening.dim={s.whitening_dim} exceeds the descriptor's {query.shape[1]} dims"
-            )
-        whitening = PCAWhitening.fit(training, dim=s.whitening_dim, eigen_power=s.whitening.eigen_power)
-        query, reference, training = (whitening.transform(x) for x in (query, reference, training))
-        query, reference = np.asarray(l2_normalize(query)), np.asarray(l2_normalize(reference))
-    else:
-        query, reference = plain_query, plain_reference
-    if training is not None:
-        training = np.asarray(l2_normalize(training))
-
-    bias = None
-    if s.score_norm_beta:
-        assert training is not None
-        bias = query_bias(
-            query,
-            training,
-            k=s.score_normalization.k,
-            beta=s.score_norm_beta,
-            backend=s.search_backend,
-            device=s.resolved_device,
-        )
-    predictions = _search(query_ids, query, reference_ids, reference, s, bias)
-    result = MatchingResult(predictions, query, reference, training, whitening=whitening)
-    if ground_truth is not None:
-        result.metrics = evaluate(ground_truth, predictions)
-        if whitening is not None or bias is not None:
-            raw = _search(query_ids, plain_query, reference_ids, plain_reference, s)
-            result.raw_metrics = evaluate(ground_truth, raw)
-    return result

@@ -1,0 +1,90 @@
+"""Global matching: one descriptor per image -> post-processing -> kNN search -> predictions -> metrics.
+
+The ISC baselines' test stage, and the first stage of D2LV's: ``query, reference (, training)``
+descriptors -> :class:`~isc.evaluation.postprocess.PostProcessing` fitted on training (PCA-whitening,
+L2 normalisation, score normalisation) -> kNN search -> predictions capped at the official 500,000 ->
+metrics. ``task=evaluate``, ``task=predict`` and the per-epoch retrieval callback all call
+:func:`match_descriptors` with the run's one settings object, so the number logged during training is
+the number ``task=evaluate`` prints for the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from isc.evaluation.metrics import evaluate
+from isc.evaluation.postprocess import PostProcessing, normalize_scores
+from isc.evaluation.results import EvaluationResult, StageResult
+from isc.evaluation.search import knn, predictions_from_knn
+from isc.evaluation.settings import EvaluationSettings
+from isc.formats.pairs import GroundTruth, Predictions
+
+__all__ = ["fit_postprocessing", "match_descriptors"]
+
+
+def fit_postprocessing(training: np.ndarray | None, s: EvaluationSettings) -> PostProcessing:
+    """The run's post-processing (``evaluation.whitening`` / ``score_normalization``) fitted on ``training``."""
+    return PostProcessing.fit(
+        training,
+        whitening_dim=s.whitening_dim,
+        eigen_power=s.whitening.eigen_power,
+        beta=s.score_norm_beta,
+        k=s.score_normalization.k,
+        backend=s.search_backend,
+        device=s.resolved_device,
+    )
+
+
+def _search(
+    query_ids: np.ndarray,
+    query: np.ndarray,
+    reference_ids: np.ndarray,
+    reference: np.ndarray,
+    s: EvaluationSettings,
+    bias: np.ndarray | None = None,
+) -> Predictions:
+    sims, idx = knn(query, reference, s.k, backend=s.search_backend, device=s.resolved_device)
+    if bias is not None:
+        sims = normalize_scores(sims, bias)
+    return predictions_from_knn(query_ids, reference_ids, sims, idx).top(s.max_predictions)
+
+
+def match_descriptors(
+    query_ids: np.ndarray,
+    query: np.ndarray,
+    reference_ids: np.ndarray,
+    reference: np.ndarray,
+    training: np.ndarray | None = None,
+    ground_truth: GroundTruth | None = None,
+    settings: EvaluationSettings | None = None,
+    training_ids: np.ndarray | None = None,
+) -> EvaluationResult:
+    """Match queries to references with ``settings``; score against ``ground_truth`` when given.
+
+    Shapes: query (nq, d), reference (nr, d), training (nt, d) or None. Descriptors need not be
+    normalised. ``settings`` should already be resolved for the training set
+    (:meth:`EvaluationSettings.for_training_set`); without training, post-processing is off.
+    """
+    s = settings or EvaluationSettings()
+    if training is None:
+        s = s.for_training_set(0)
+    post = fit_postprocessing(training, s)
+    q, r = post.apply(query), post.apply(reference)
+    predictions = _search(query_ids, q, reference_ids, r, s, post.bias(q))
+    metrics = evaluate(ground_truth, predictions) if ground_truth is not None else None
+    raw_metrics = None
+    if metrics is not None and (post.whitening is not None or post.beta):
+        plain = PostProcessing()
+        raw = _search(query_ids, plain.apply(query), reference_ids, plain.apply(reference), s)
+        raw_metrics = evaluate(ground_truth, raw)  # type: ignore[arg-type]
+    return EvaluationResult(
+        [StageResult("global", predictions, metrics)],
+        s.describe(),
+        np.asarray(query_ids),
+        q,
+        np.asarray(reference_ids),
+        r,
+        None if training_ids is None else np.asarray(training_ids),
+        post.training,
+        raw_metrics,
+    )

@@ -1,0 +1,82 @@
+"""One pooling node: ``backbone.pooling`` reaches the model that trains, the descriptor it saves and
+evaluates, what ``task=export`` writes and what ``task=evaluate`` builds, for fine-tuning experiments.
+
+Before, fine-tuning read ``model.pooling`` and ``python run.py backbone.pooling.p=5`` silently trained
+with p = 3. Each check compares with the configured value, which no default equals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from isc.models.descriptor import load_descriptor_model, save_descriptor_model
+from tasks.common import descriptor_model
+from tasks.export import export
+
+ROOT = Path(__file__).resolve().parents[1]
+P = 4.25  # exact in float32, and no config's default
+
+EXPERIMENTS = {
+    "embedded_demo": [],  # the default job: EfficientNet-Lite0, no head
+    "finetune_d2lv_r50": [  # a ResNet through conf/backbone/resnet_base.yaml, BN-neck head (shrunk)
+        "backbone.trunk.weights=null",
+        "model.head.hidden_dims=[8]",
+        "model.head.out_dim=4",
+    ],
+}
+
+
+def compose_cfg(out_dir: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={out_dir}", *overrides])
+
+
+def pooling_p(model: Any) -> float:
+    return float(model.pooling.p.detach())
+
+
+@pytest.mark.parametrize("experiment", sorted(EXPERIMENTS))
+def test_backbone_pooling_reaches_training_checkpoints_export_and_evaluation(
+    experiment: str, tmp_path: Path
+) -> None:
+    overrides = [f"experiment={experiment}", f"backbone.pooling.p={P}", *EXPERIMENTS[experiment]]
+    cfg = compose_cfg(tmp_path, *overrides)
+    assert cfg.task == "finetune"
+
+    module = instantiate(cfg.model)  # the LightningModule task=finetune trains
+    assert pooling_p(module.backbone) == P
+    assert module.backbone.pooling.p.requires_grad  # fine-tuning learns p, as D2LV's GeM
+    trained = module.descriptor_model()  # what the retrieval callback evaluates
+    assert pooling_p(trained) == P
+
+    # the Lightning checkpoint (task=evaluate ckpt_path=...), and the file task=export writes from it
+    checkpoint: dict[str, Any] = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    assert pooling_p(load_descriptor_model(tmp_path / "last.ckpt")) == P
+    exported = export(
+        compose_cfg(tmp_path / "export", *overrides, "task=export", f"ckpt_path={tmp_path / 'last.ckpt'}")
+    )
+    assert pooling_p(load_descriptor_model(exported["path"])) == P
+    save_descriptor_model(trained, tmp_path / "model.pt")
+    assert pooling_p(load_descriptor_model(tmp_path / "model.pt")) == P
+
+    # without a checkpoint, evaluate and export build the backbone node itself
+    assert pooling_p(descriptor_model(compose_cfg(tmp_path, *overrides, "task=evaluate"))) == P
+
+
+def test_the_training_pooling_is_the_backbone_node_not_a_second_one(tmp_path: Path) -> None:
+    """`model.pooling` interpolates `backbone.pooling`, so overriding it is an error, not a silent fork."""
+    cfg = compose_cfg(tmp_path, "experiment=finetune_d2lv_r50")
+    assert cfg.model.pooling == cfg.backbone.pooling
+    assert cfg.backbone.pooling.trainable is True
+    with pytest.raises(ConfigCompositionException, match="model.pooling.p"):
+        compose_cfg(tmp_path, "experiment=finetune_d2lv_r50", "model.pooling.p=5")
