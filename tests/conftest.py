@@ -1,17 +1,55 @@
-"""Shared test fixtures: a tiny DISC21-layout benchmark whose matched queries are exact copies."""
+"""Shared test helpers: a tiny DISC21-layout benchmark whose matched queries are exact copies, config
+composition, and the official uAP of a run's files computed independently of the run."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from PIL import Image
 
-from isc.formats.pair_csv import write_ground_truth
+from isc.evaluation.metrics import evaluate
+from isc.formats.pair_csv import read_ground_truth, read_predictions, write_ground_truth
 from isc.formats.pairs import GroundTruth
 
 N_REFS, N_MATCHED, N_UNMATCHED, N_TRAIN = 16, 10, 6, 6
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_cfg(*parts: str | Sequence[str] | Path, hydra: bool = False) -> DictConfig:
+    """The config ``python run.py <overrides>`` composes, outside ``@hydra.main``.
+
+    ``parts`` are overrides, given one by one or as lists; a ``Path`` among them is the run's output dir
+    (default ``/unused``). ``hydra=True`` also returns the ``hydra:`` node.
+    """
+    overrides: list[str] = []
+    out_dir: Path | None = None
+    for part in parts:
+        if isinstance(part, Path):
+            out_dir = part
+        elif isinstance(part, str):
+            overrides.append(part)
+        else:
+            overrides += list(part)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=[f"paths.output_dir={out_dir or '/unused'}", *overrides],
+            return_hydra_config=hydra,
+        )
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def official_uap(dataset: Path, predictions_csv: Path) -> float | None:
+    """The official micro-AP of a written ``predictions.csv`` against the dataset's ground truth, read
+    back from the files: an independent check of the figure a task reports."""
+    return evaluate(read_ground_truth(dataset / "ground_truth.csv"), read_predictions(predictions_csv)).uAP
 
 
 def random_image(rng: np.random.Generator, size: int = 48) -> Image.Image:
@@ -71,3 +109,14 @@ def ddp_env() -> dict[str, str]:
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(key, None)
     return env
+
+
+def evaluate_checkpoint(
+    training_overrides: Sequence[str], checkpoint: Path, out_dir: Path
+) -> dict[str, object]:
+    """``task=evaluate ckpt_path=<checkpoint>`` with a training run's overrides: the figure a user gets
+    from the saved model, to compare with the ``val/uAP`` the callback logged."""
+    import tasks
+
+    kept = [o for o in training_overrides if not o.startswith("paths.output_dir=")]
+    return tasks.evaluate(compose_cfg(kept, "task=evaluate", f"ckpt_path={checkpoint}", out_dir))

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg, evaluate_checkpoint
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -31,13 +31,6 @@ def config_groups() -> dict[str, list[str]]:
         if options and group.split("/")[0] != "hydra":
             groups[group] = options
     return groups
-
-
-def compose_cfg(*overrides: str, hydra: bool = False) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(
-            "config", overrides=["paths.output_dir=/unused", *overrides], return_hydra_config=hydra
-        )
 
 
 GROUP_OPTIONS = [(group, option) for group, options in config_groups().items() for option in options]
@@ -330,12 +323,15 @@ def short_run(benchmark: Path, out_dir: Path) -> list[str]:
 def test_finetuning_losses_train_with_the_default_experiment(
     benchmark: Path, tmp_path: Path, loss: str, components: set[str]
 ) -> None:
-    cfg = compose_cfg(*short_run(benchmark, tmp_path), f"model/loss={loss}")
+    overrides = [*short_run(benchmark, tmp_path / "train"), f"model/loss={loss}"]
+    cfg = compose_cfg(overrides)
     assert cfg.model.head is None  # the default experiment's
     metrics = {k: float(v) for k, v in tasks.train(cfg).items()}  # type: ignore[arg-type]
     assert math.isfinite(metrics["train/loss"])
     assert {f"train/{c}" for c in components} <= set(metrics)
-    assert 0.0 <= metrics["val/uAP"] <= 1.0
+    last = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    evaluated = evaluate_checkpoint(overrides, last, tmp_path / "eval")
+    assert metrics["val/uAP"] == pytest.approx(evaluated["uAP"], abs=1e-6)  # the saved model's figure
     if loss == "d2lv":
         assert metrics["train/ce"] > 0  # a classifier exists (on the pooled feature), not a dropped CE term
 

@@ -1,4 +1,4 @@
-"""A fault on one DDP rank ends the whole job: no hung peer, no orphan process (issue 10, point 7)."""
+"""A fault on one DDP rank ends the whole job: no hung peer, no orphan process."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from PIL import Image
 
 import run
@@ -241,11 +241,6 @@ BENCH_QUICK = {  # the same scripts on toy sizes: these tests check that they ru
     "bench_prepass.py": ["--images", "20", "--size", "64x48"],
     "bench_scale.py": ["--quick"],
 }
-
-
-def compose_cfg(overrides: list[str], out_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={out_dir}", *overrides])
 
 
 @pytest.mark.parametrize("command", COMMANDS)

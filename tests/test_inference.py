@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import skimage.data
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from PIL import Image
 
 import run
@@ -225,11 +225,6 @@ def test_the_cap_keeps_the_best_pairs(full_run):
     np.testing.assert_allclose(np.sort(capped.final.predictions.scores)[::-1], top, atol=1e-5)
 
 
-def _compose(overrides: list[str], out: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={out}", *overrides])
-
-
 TEST_STAGE = [
     "evaluation.num_workers=0",
     "evaluation.k=5",
@@ -254,7 +249,7 @@ class _Images(HTMLParser):
 
 def test_task_evaluate_writes_stages_report_and_files(photo_benchmark, tmp_path):
     out = tmp_path / "eval"
-    cfg = _compose(
+    cfg = compose_cfg(
         [
             f"dataset.root={photo_benchmark}",
             "evaluation.whitening.enabled=true",
@@ -294,7 +289,7 @@ def test_task_predict_needs_no_ground_truth(photo_benchmark, tmp_path):
             (root / split / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "predict"
     out.mkdir()
-    cfg = _compose(
+    cfg = compose_cfg(
         ["task=predict", f"dataset.root={root}", *TEST_STAGE, "evaluation.score_normalization.enabled=false"],
         out,
     )
@@ -312,7 +307,7 @@ def test_ensemble_files_load_before_any_image(photo_benchmark, tmp_path):
     model_file = save_descriptor_model(_model(), tmp_path / "m.pt")
     out = tmp_path / "ens"
     out.mkdir()
-    cfg = _compose(
+    cfg = compose_cfg(
         [
             f"dataset.root={photo_benchmark}",
             *TEST_STAGE,
@@ -329,7 +324,7 @@ def test_concat_ensemble_whitens_to_concat_dim(photo_benchmark, tmp_path):
     model_file = save_descriptor_model(_model(), tmp_path / "m.pt")
     out = tmp_path / "concat"
     out.mkdir()
-    cfg = _compose(
+    cfg = compose_cfg(
         [
             f"dataset.root={photo_benchmark}",
             *TEST_STAGE,
@@ -359,7 +354,7 @@ def test_concat_model_is_the_normalised_concatenation():
 
 
 def test_d2lv_inference_recipe_has_the_seeds_values_and_asks_for_its_models(tmp_path):
-    cfg = _compose(["experiment=d2lv_inference", "evaluation.ensemble.models=[a.pt,b.pt,c.pt]"], tmp_path)
+    cfg = compose_cfg(["experiment=d2lv_inference", "evaluation.ensemble.models=[a.pt,b.pt,c.pt]"], tmp_path)
     s = tasks.common.evaluation_settings(cfg)
     assert s.scales == (256, 320, 200) and s.multiscale == "max"
     assert (s.whitening.enabled, s.whitening.dim, s.score_normalization.beta, s.score_normalization.k) == (
@@ -379,7 +374,7 @@ def test_d2lv_inference_recipe_has_the_seeds_values_and_asks_for_its_models(tmp_
     assert (e.models, e.rule, e.min_votes) == (("a.pt", "b.pt", "c.pt"), "vote", 2)
     assert s.max_training == 20000
     with pytest.raises(ValueError, match="evaluation.ensemble.models="):
-        run.run_task(_compose(["experiment=d2lv_inference"], tmp_path / "missing"))
+        run.run_task(compose_cfg(["experiment=d2lv_inference"], tmp_path / "missing"))
 
 
 def test_the_report_and_its_figures_reach_wandb(photo_benchmark, tmp_path, monkeypatch):
@@ -387,7 +382,7 @@ def test_the_report_and_its_figures_reach_wandb(photo_benchmark, tmp_path, monke
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wandb_run"
     out.mkdir()
-    cfg = _compose(
+    cfg = compose_cfg(
         [f"dataset.root={photo_benchmark}", "logger=wandb", "evaluation.image_size=128", *TEST_STAGE[:3]], out
     )
     metrics = tasks.evaluate(cfg)
@@ -400,7 +395,7 @@ def test_the_report_and_its_figures_reach_wandb(photo_benchmark, tmp_path, monke
 def test_descriptor_track_limit_is_checked_before_extraction(photo_benchmark, tmp_path):
     out = tmp_path / "track"
     out.mkdir()
-    cfg = _compose(
+    cfg = compose_cfg(
         [f"dataset.root={photo_benchmark}", *TEST_STAGE, "evaluation.descriptor_track_max_dim=256"], out
     )
     with pytest.raises(ValueError, match="1280 dims but evaluation.descriptor_track_max_dim=256"):

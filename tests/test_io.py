@@ -263,7 +263,7 @@ def test_write_descriptors_refuses_bad_input(tmp_path: Path, kwargs: dict, messa
     ],
 )
 def test_zero_and_constant_descriptors_are_refused(tmp_path: Path, query: list, message: str) -> None:
-    """Such files scored uAP 0.07 with exit 0 (issue 10, finding 1); now they name the ids and stop."""
+    """Such files scored uAP 0.07 with exit 0; now they name the ids and stop."""
     path = tmp_path / "d.h5"
     with pytest.raises(ValueError, match=message):
         write_descriptors(path, ["Qa", "Qb", "Qc"], np.array(query), ["R0", "R1"], np.eye(2))

@@ -1,4 +1,4 @@
-"""The pre-pass: bad files, names, sizes and dims stop a task before any extraction (issue 10, finding 2)."""
+"""The pre-pass: bad files, names, sizes and dims stop a task before any extraction."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_copy_benchmark, random_image
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg, make_copy_benchmark, random_image
 
 import tasks
 import tasks.evaluation
@@ -24,13 +23,6 @@ from isc.evaluation.runner import resolve_settings
 from isc.evaluation.settings import EvaluationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cfg(overrides: list[str], out_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"paths.output_dir={out_dir}", *overrides])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return cfg
 
 
 @pytest.fixture
@@ -113,7 +105,7 @@ def test_a_bad_training_image_stops_evaluate_before_any_extraction(
     bench: Path, tmp_path: Path, no_extraction: list[int]
 ) -> None:
     (bench / "training" / "T000003.png").write_bytes(b"not an image")
-    cfg = _cfg([f"dataset.root={bench}"], tmp_path / "run")
+    cfg = compose_cfg([f"dataset.root={bench}"], tmp_path / "run")
     with pytest.raises(ImageLoadError, match=r"T000003\.png: not an image.*training/ of"):
         tasks.evaluate(cfg)
     assert not no_extraction
@@ -121,7 +113,7 @@ def test_a_bad_training_image_stops_evaluate_before_any_extraction(
 
 def test_the_test_stage_runs_the_same_pre_pass(bench: Path, tmp_path: Path, no_extraction: list[int]) -> None:
     (bench / "references" / "R000003.png").write_bytes(b"")
-    cfg = _cfg([f"dataset.root={bench}", "evaluation.scales=[32]"], tmp_path / "run")
+    cfg = compose_cfg([f"dataset.root={bench}", "evaluation.scales=[32]"], tmp_path / "run")
     with pytest.raises(ImageLoadError, match=r"R000003\.png: empty file"):
         tasks.evaluate(cfg)
     assert not no_extraction
@@ -132,7 +124,7 @@ def test_a_non_ascii_file_name_stops_evaluate_naming_the_file(
 ) -> None:
     """It used to fail after extraction and matching with "query_ids must be ASCII", naming no file."""
     shutil.copy(bench / "queries" / "Q00011.png", bench / "queries" / "Q\u00e90099.png")
-    cfg = _cfg([f"dataset.root={bench}"], tmp_path / "run")
+    cfg = compose_cfg([f"dataset.root={bench}"], tmp_path / "run")
     with pytest.raises(ValueError, match="'Q\u00e90099.png'.*must be ASCII"):
         tasks.evaluate(cfg)
 
@@ -143,7 +135,7 @@ def test_empty_queries_without_ground_truth_stop_before_the_other_splits(
     for p in (bench / "queries").iterdir():
         p.unlink()
     (bench / "ground_truth.csv").unlink()
-    cfg = _cfg([f"dataset.root={bench}"], tmp_path / "run")
+    cfg = compose_cfg([f"dataset.root={bench}"], tmp_path / "run")
     with pytest.raises(ValueError, match=r"queries holds no images"):
         tasks.predict(cfg)
 
@@ -153,7 +145,7 @@ def test_skip_bad_images_lists_what_it_skipped_in_the_run_dir(bench: Path, tmp_p
     (bench / "training" / "T000002.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut
     (bench / "references" / "R000013.png").write_text("junk")  # no query matches R000013
     out = tmp_path / "run"
-    metrics = tasks.evaluate(_cfg([f"dataset.root={bench}", "dataset.skip_bad_images=true"], out))
+    metrics = tasks.evaluate(compose_cfg([f"dataset.root={bench}", "dataset.skip_bad_images=true"], out))
     assert metrics["skipped_images"] == {"references": 1, "queries": 0, "training": 1}
     with open(out / "skipped_images.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -179,7 +171,7 @@ def test_whitening_dim_above_the_model_stops_evaluate_before_extraction(
 ) -> None:
     for i in range(6, 40):  # enough training images that only the model's dimension is wrong
         random_image(np.random.default_rng(100 + i)).save(bench / "training" / f"T{i:06d}.png")
-    cfg = _cfg(
+    cfg = compose_cfg(
         [f"dataset.root={bench}", "evaluation.whitening.enabled=true", "evaluation.whitening.dim=32"],
         tmp_path / "run",
     )
@@ -199,7 +191,7 @@ def test_benchmark_sizes_are_checked_before_the_pool_is_listed(tmp_path: Path, m
     monkeypatch.setattr(
         tasks.generation, "find_images", lambda root: pytest.fail("listed the pool before checking sizes")
     )
-    cfg = _cfg(
+    cfg = compose_cfg(
         [
             "task=build_benchmark",
             f"benchmark.pool={tmp_path}",
@@ -217,7 +209,7 @@ def test_a_small_pool_names_the_sizes_to_change(tmp_path: Path) -> None:
     pool.mkdir()
     for i in range(5):
         random_image(np.random.default_rng(i)).save(pool / f"p{i}.png")
-    cfg = _cfg([f"benchmark.pool={pool}"], tmp_path / "run")
+    cfg = compose_cfg([f"benchmark.pool={pool}"], tmp_path / "run")
     with pytest.raises(ValueError, match=r"pool has 5 images but benchmark.n_references=1000.*need 2500"):
         tasks.build_benchmark_task(cfg)
     assert not Path(cfg.benchmark.out_dir).exists()

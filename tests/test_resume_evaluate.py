@@ -1,4 +1,4 @@
-"""A SIGKILLed ``task=evaluate`` resumes from its descriptor shards and writes the same bytes (issue 10)."""
+"""A SIGKILLed ``task=evaluate`` resumes from its descriptor shards and writes the same bytes."""
 
 from __future__ import annotations
 

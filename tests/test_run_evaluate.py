@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import N_MATCHED, N_REFS, N_TRAIN, N_UNMATCHED
-from hydra import compose, initialize_config_dir
+from conftest import N_MATCHED, N_REFS, N_TRAIN, N_UNMATCHED, compose_cfg, official_uap
 
 import tasks
 from isc.formats.descriptor_files import read_descriptors, write_descriptors
@@ -36,10 +35,7 @@ def perfect_descriptors(benchmark: Path) -> tuple[list[str], np.ndarray, list[st
 
 
 def evaluate(overrides: list[str], out_dir: Path) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"paths.output_dir={out_dir}", *overrides])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return tasks.evaluate(cfg)
+    return tasks.evaluate(compose_cfg(overrides, out_dir))
 
 
 def test_perfect_descriptors_give_uap_one(benchmark: Path, tmp_path: Path) -> None:
@@ -98,7 +94,8 @@ def test_whitening_and_score_normalisation_path(benchmark: Path, tmp_path: Path)
         ],
         tmp_path,
     )
-    assert "uAP_raw" in metrics and 0.0 <= metrics["uAP"] <= 1.0
+    assert metrics["uAP"] == pytest.approx(official_uap(benchmark, tmp_path / "predictions.csv"), abs=1e-9)
+    assert metrics["uAP_raw"] != metrics["uAP"]  # the post-processing changed the scores
     assert metrics["postprocessing"] == f"PCA-whitening {N_TRAIN - 1} + score normalisation (beta 1, k 2)"
     assert read_descriptors(tmp_path / "descriptors.h5").query.shape[1] == N_TRAIN - 1
 
@@ -207,3 +204,29 @@ def test_max_training_caps_the_training_split_of_a_descriptor_file(benchmark: Pa
         "T000001",
         "T000002",
     ]
+
+
+def test_the_readme_notebook_call_gives_what_task_evaluate_gives(benchmark: Path, tmp_path: Path) -> None:
+    """README's Hydra-free ``evaluate_layout`` snippet, run as shown on an exported model, prints the
+    uAP that ``task=evaluate`` reports for the same file."""
+    tiny = ["evaluation.image_size=96", "evaluation.num_workers=0", "evaluation.score_normalization.k=2"]
+    tasks.export(compose_cfg(tiny, tmp_path / "export"))
+    model_file = tmp_path / "export" / "descriptor_model.pt"
+    expected = evaluate([*tiny, f"dataset.root={benchmark}", f"ckpt_path={model_file}"], tmp_path / "cli")
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("from isc.data.images import Disc21Layout")
+    snippet = readme[start : readme.index("```", start)]
+    snippet = snippet.replace('"descriptor_model.pt"', repr(str(model_file)))
+    snippet = snippet.replace('"/data/disc21"', repr(str(benchmark))).replace(
+        '"outputs/notebook"', repr(str(tmp_path / "nb"))
+    )
+    snippet = snippet.replace(
+        "EvaluationSettings()",
+        "EvaluationSettings(num_workers=0, score_normalization=ScoreNormalization(k=2))",
+    )
+    namespace: dict = {}
+    exec("from isc.evaluation.settings import ScoreNormalization\n" + snippet, namespace)
+    assert namespace["run"].metrics["uAP"] == pytest.approx(expected["uAP"], abs=1e-9)
+    assert (tmp_path / "nb" / "predictions.csv").read_bytes() == (
+        tmp_path / "cli" / "predictions.csv"
+    ).read_bytes()

@@ -1,4 +1,4 @@
-"""``dataset.skip_bad_images`` in fine-tuning, the retrieval callback and pretraining (issue 10, finding 4).
+"""``dataset.skip_bad_images`` in fine-tuning, the retrieval callback and pretraining.
 
 Without it, one unreadable image stops the run before training starts (it used to stop it mid-epoch);
 with it, the run trains and ``skipped_images.csv`` in the run dir lists what was left out.
@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_copy_benchmark
+from conftest import evaluate_checkpoint, make_copy_benchmark
 from test_finetune import compose_cfg, tiny
 from test_pretrain import SMALL_HEADS, compose_experiment, write_images
 
@@ -43,9 +43,18 @@ def test_fine_tuning_stops_before_training_at_a_bad_image(bench: Path, tmp_path:
 
 
 def test_fine_tuning_and_callback_skip_and_list_bad_images(bench: Path, tmp_path: Path) -> None:
-    cfg = compose_cfg([*tiny(bench), "dataset.skip_bad_images=true"], tmp_path / "run")
-    metrics = tasks.train(cfg)
-    assert 0.0 <= metrics["val/uAP"] <= 1.0
+    overrides = [
+        *tiny(bench),
+        "dataset.skip_bad_images=true",
+        "trainer.fast_dev_run=false",  # a real (one-step) epoch, so last.ckpt is written
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=1",
+    ]
+    metrics = tasks.train(compose_cfg(overrides, tmp_path / "run"))
+    evaluated = evaluate_checkpoint(
+        overrides, tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "eval"
+    )
+    assert metrics["val/uAP"] == pytest.approx(evaluated["uAP"], abs=1e-6)  # both skip the same images
     assert _skipped(tmp_path / "run") == {
         ("train", "T000004.png"),  # a fine-tuning source
         ("val/references", "R000013.png"),  # the callback's benchmark, which also fits on training/

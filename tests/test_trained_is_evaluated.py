@@ -15,17 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 
 import run
 import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose_cfg(overrides: list[str], out_dir: Path):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={out_dir}", *overrides])
 
 
 def common(benchmark: Path) -> list[str]:
