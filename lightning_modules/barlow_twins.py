@@ -13,16 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from isc.losses.ssl import BYOLLoss
 from isc.models.projectors import barlow_projector
 from isc.models.trunks import Trunk
-from lightning_modules import (
-    FINETUNING_LOSS_TYPES,
-    BackboneModule,
-    OptimizerFactory,
-    SchedulerFactory,
-    reject_loss,
-)
+from lightning_modules.base import BackboneModule, OptimizerFactory, SchedulerFactory
 
 __all__ = ["BarlowTwins"]
 
@@ -31,11 +24,12 @@ class BarlowTwins(BackboneModule):
     """Backbone + projector trained with a Barlow Twins loss on two views of each image.
 
     Batches are ``((view1, view2), index)`` with views (B, 3, H, W) in [0, 1]. The loss (e.g.
-    :class:`isc.losses.ssl.BarlowTwinsLoss`) standardises and cross-correlates over the *global* batch, so
+    :class:`isc.losses.barlow_twins.BarlowTwinsLoss`) standardises and cross-correlates over the *global* batch, so
     ``train/loss`` is the same on every rank and needs no sync.
     """
 
     task = "pretrain"  # the run.py task this module serves (checked before training)
+    loss_inputs = "projection_pair"  # loss(z1, z2)
 
     def __init__(
         self,
@@ -53,7 +47,7 @@ class BarlowTwins(BackboneModule):
     ) -> None:
         # Fine-tuning losses (and the other method's) take other inputs: fail before building anything.
         use = "model/loss=barlow_twins (fine-tuning losses go with model=copy_finetune)"
-        reject_loss(loss, (*FINETUNING_LOSS_TYPES, BYOLLoss), "barlow_twins", use)
+        self.check_loss(loss, "barlow_twins", use)
         super().__init__(
             trunk, optimizer, scheduler, pooling, lr, lr_bias_norm, base_batch_size, exclude_bias_and_norm
         )

@@ -9,11 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isc.losses.metric import D2LVLoss
-from isc.losses.ssl import BarlowTwinsLoss, BYOLLoss
 from isc.models.heads import WaveBlock
 from isc.models.trunks import Trunk
-from lightning_modules import BackboneModule, OptimizerFactory, SchedulerFactory, reject_loss
+from lightning_modules.base import BackboneModule, OptimizerFactory, SchedulerFactory
 
 FINETUNING_LOSSES = "model/loss=d2lv, model/loss=infonce_entropy or model/loss=contrastive_xbm"
 
@@ -24,11 +22,12 @@ class CopyFinetune(BackboneModule):
     - ``head``: a partial of ``isc.models.heads.BNNeckHead`` (D2LV) or ``isc.models.heads.ProjectionHead`` (SSCD), completed
       with the trunk's width, or ``None`` (the pooled feature is the descriptor). The descriptor is the
       head's L2-normalised output.
-    - ``loss``: a module returning ``{"loss": total, <component>: ...}``. ``D2LVLoss`` gets the pooled feature
-      (D2LV's triplet input) and the classifier logits; every other loss gets the L2-normalised descriptors.
-      A classifier is sized from the datamodule's number of classes when the loss needs one: on the BN
-      neck of a ``BNNeckHead``, or on the pooled feature when there is no head (the descriptor then stays
-      the L2-normalised pooled feature). Pretraining losses are refused at construction.
+    - ``loss``: a module returning ``{"loss": total, <component>: ...}``. A loss declaring
+      ``needs_classifier = True`` (D2LV) gets the pooled feature (D2LV's triplet input) and the classifier
+      logits; every other loss gets the L2-normalised descriptors. That classifier is sized from the
+      datamodule's number of classes: on the BN neck of a ``BNNeckHead``, or on the pooled feature when
+      there is no head (the descriptor then stays the L2-normalised pooled feature). Losses declaring other
+      ``inputs`` (pretraining losses) are refused at construction.
     - ``waveblock``: feature-band erasing (D2LV) applied during training to the outputs of the trunk
       modules named in ``waveblock_after`` (ResNet: ``layer2``, ``layer3``).
 
@@ -38,6 +37,7 @@ class CopyFinetune(BackboneModule):
     """
 
     task = "finetune"  # the run.py task this module serves (checked before training)
+    loss_inputs = "labelled_embeddings"  # loss(descriptors, labels) or loss(features, logits, labels)
 
     def __init__(
         self,
@@ -57,7 +57,7 @@ class CopyFinetune(BackboneModule):
         image_size: int | None = None,
     ) -> None:
         # Pretraining losses take two or four projections, not descriptors and labels: fail before any work.
-        reject_loss(loss, (BarlowTwinsLoss, BYOLLoss), "copy_finetune", FINETUNING_LOSSES)
+        self.check_loss(loss, "copy_finetune", FINETUNING_LOSSES)
         super().__init__(
             trunk, optimizer, scheduler, pooling, lr, lr_bias_norm, base_batch_size, exclude_bias_and_norm
         )
@@ -65,20 +65,21 @@ class CopyFinetune(BackboneModule):
         self.freeze_bn_stats = freeze_bn_stats
         self.image_size = image_size  # the evaluation size, recorded in checkpoints and exports
         self.head = head(in_dim=trunk.out_channels) if head is not None else None
-        if isinstance(loss, D2LVLoss) and self.head is not None and not hasattr(self.head, "classifier"):
+        self.needs_classifier = bool(getattr(loss, "needs_classifier", False))
+        if self.needs_classifier and self.head is not None and not hasattr(self.head, "classifier"):
             raise ValueError(
-                f"the D2LV loss needs a BN-neck head or none, not {type(self.head).__name__}: set "
-                "model.head._target_=isc.models.heads.BNNeckHead or model.head=null"
+                f"{type(loss).__name__} needs a classifier: a BN-neck head or none, not "
+                f"{type(self.head).__name__}: set model.head._target_=isc.models.heads.BNNeckHead or model.head=null"
             )
         self.loss = loss
-        # D2LV without a head: its classifier sits on the pooled feature (sized in setup), which stays the
-        # descriptor, so the off-the-shelf figure before training is the backbone's own.
+        # A classifier loss without a head: the classifier sits on the pooled feature (sized in setup), which
+        # stays the descriptor, so the off-the-shelf figure before training is the backbone's own.
         self.classifier: nn.Linear | None = None
         self.waveblock = waveblock
         if waveblock is not None:
-            self._hook_waveblocks(waveblock_after)
+            self._hook_waveblocks(waveblock, waveblock_after)
 
-    def _hook_waveblocks(self, names: Sequence[str]) -> None:
+    def _hook_waveblocks(self, waveblock: WaveBlock, names: Sequence[str]) -> None:
         modules = dict(self.backbone.trunk.named_modules())
         found = {n: m for n, m in modules.items() if n.split(".")[-1] in names}
         missing = set(names) - {n.split(".")[-1] for n in found}
@@ -88,7 +89,7 @@ class CopyFinetune(BackboneModule):
             # Training only, by the hooked module's own mode: the test-time descriptor model shares the
             # trunk but not this module's WaveBlock, so its eval() must switch the erasing off.
             module.register_forward_hook(
-                lambda m, _inputs, output: self.waveblock(output) if m.training else output
+                lambda m, _inputs, output: waveblock(output) if m.training else output
             )
 
     def on_train_epoch_start(self) -> None:
@@ -98,15 +99,17 @@ class CopyFinetune(BackboneModule):
                     module.eval()
 
     def setup(self, stage: str) -> None:
-        """Size the classifier from the data: D2LV's softmax needs one output per training class."""
-        if not isinstance(self.loss, D2LVLoss) or self.classifier is not None:
+        """Size the classifier from the data: a classifier loss's softmax needs one output per training class."""
+        if not self.needs_classifier or self.classifier is not None:
             return
         if self.head is not None and getattr(self.head, "classifier", None) is not None:
             return
-        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None)
         num_classes = getattr(datamodule, "num_classes", None)
         if not num_classes:
-            raise ValueError("the D2LV loss needs a classifier: the datamodule must expose num_classes")
+            raise ValueError(
+                f"{type(self.loss).__name__} needs a classifier: the datamodule must expose num_classes"
+            )
         in_dim = self.backbone.trunk.out_channels if self.head is None else int(self.head.out_dim)  # type: ignore[arg-type]
         classifier = nn.Linear(in_dim, int(num_classes), bias=False)
         nn.init.normal_(classifier.weight, std=0.001)
@@ -114,7 +117,7 @@ class CopyFinetune(BackboneModule):
             self.classifier = classifier
             return
         self.head.classifier = classifier
-        self.head.num_classes = int(num_classes)
+        self.head.num_classes = int(num_classes)  # type: ignore[assignment]  # a BNNeckHead int, not a Module
 
     @property
     def descriptor_head(self) -> nn.Module | None:
@@ -128,7 +131,7 @@ class CopyFinetune(BackboneModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels = batch
         pooled = self.backbone(images)
-        if isinstance(self.loss, D2LVLoss):
+        if self.needs_classifier:
             if self.head is None:  # the classifier made in setup, on the pooled feature
                 logits = self.classifier(pooled) if self.classifier is not None else None
                 parts = self.loss(pooled, logits, labels)
@@ -136,7 +139,9 @@ class CopyFinetune(BackboneModule):
                 parts = self.loss(pooled, self.head(pooled)["logits"], labels)
         else:
             descriptors = (
-                self.head.descriptor(pooled) if self.head is not None else F.normalize(pooled, dim=-1)
+                self.head.descriptor(pooled)  # type: ignore[operator]  # heads declare descriptor()
+                if self.head is not None
+                else F.normalize(pooled, dim=-1)
             )
             parts = self.loss(descriptors, labels)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, prog_bar=False, batch_size=len(labels))

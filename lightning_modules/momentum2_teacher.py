@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from isc.losses.ssl import BarlowTwinsLoss
 from isc.models.momentum import (
     commit_statistics,
     cosine_momentum,
@@ -32,13 +31,7 @@ from isc.models.momentum import (
 )
 from isc.models.projectors import byol_mlp
 from isc.models.trunks import Trunk
-from lightning_modules import (
-    FINETUNING_LOSS_TYPES,
-    BackboneModule,
-    OptimizerFactory,
-    SchedulerFactory,
-    reject_loss,
-)
+from lightning_modules.base import BackboneModule, OptimizerFactory, SchedulerFactory
 
 __all__ = ["Momentum2Teacher"]
 
@@ -55,6 +48,7 @@ class Momentum2Teacher(BackboneModule):
     """
 
     task = "pretrain"  # the run.py task this module serves (checked before training)
+    loss_inputs = "predictions_and_targets"  # loss(q1, q2, k1, k2)
 
     def __init__(
         self,
@@ -75,7 +69,7 @@ class Momentum2Teacher(BackboneModule):
     ) -> None:
         # Fine-tuning losses (and the other method's) take other inputs: fail before building anything.
         use = "model/loss=momentum2_teacher (fine-tuning losses go with model=copy_finetune)"
-        reject_loss(loss, (*FINETUNING_LOSS_TYPES, BarlowTwinsLoss), "momentum2_teacher", use)
+        self.check_loss(loss, "momentum2_teacher", use)
         super().__init__(
             trunk, optimizer, scheduler, pooling, lr, lr_bias_norm, base_batch_size, exclude_bias_and_norm
         )
@@ -91,7 +85,8 @@ class Momentum2Teacher(BackboneModule):
 
     def teacher_embed(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher projection: (B, 3, H, W) -> (B, projector_dim)."""
-        out: torch.Tensor = self.teacher["projector"](self.teacher["backbone"](images))
+        teacher: Any = self.teacher  # make_teacher's ModuleDict: backbone, projector
+        out: torch.Tensor = teacher["projector"](teacher["backbone"](images))
         return out
 
     def student_predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from isc.losses.ssl import BarlowTwinsLoss  # noqa: E402
+from isc.losses.barlow_twins import BarlowTwinsLoss  # noqa: E402
 from isc.models.trunks import Trunk  # noqa: E402
 from lightning_modules.barlow_twins import BarlowTwins  # noqa: E402
 

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from PIL import Image
 
-import run
+import tasks
 from callbacks.retrieval import RetrievalEvaluation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def tiny(benchmark: Path) -> list[str]:
 def test_default_main_job_fast_dev_run(benchmark: Path, tmp_path: Path) -> None:
     cfg = compose_cfg(tiny(benchmark), tmp_path)
     assert cfg.task == "finetune"  # `python run.py` with no arguments fine-tunes
-    metrics = run.train(cfg)
+    metrics = tasks.train(cfg)
     assert 0.0 <= metrics["val/uAP"] <= 1.0
     assert {"train/loss", "train/infonce", "train/entropy"} <= set(metrics)
     assert json.loads((tmp_path / "metrics.json").read_text())["val/uAP"] == metrics["val/uAP"]
@@ -138,7 +138,7 @@ def test_losses_and_heads_fast_dev_run(
         [*tiny(benchmark), f"model/loss={loss}", *HEADS[head], "+model.head.out_dim=8", *head_dims],
         tmp_path,
     )
-    metrics = run.train(cfg)
+    metrics = tasks.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert {f"train/{c}" for c in components} <= set(metrics)
 
@@ -167,7 +167,7 @@ def test_pinned_finetune_recipes_fast_dev_run(
     ]
     cfg = compose_cfg(overrides, tmp_path)
     assert cfg.model.waveblock is not None and cfg.backbone.trunk.last_stride == 1
-    metrics = run.train(cfg)
+    metrics = tasks.train(cfg)
     assert "val/uAP" in metrics
 
 
@@ -227,7 +227,7 @@ def test_wandb_logger_runs_offline(benchmark: Path, tmp_path: Path, monkeypatch)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = compose_cfg([*tiny(benchmark), "logger=wandb"], tmp_path)
     assert cfg.logger.wandb.mode == "offline"
-    run.train(cfg)
+    tasks.train(cfg)
     runs = list(tmp_path.rglob("offline-run-*"))
     assert runs, "no offline wandb run directory was written"
     history = "".join(p.read_text(errors="ignore") for p in runs[0].rglob("*.wandb"))

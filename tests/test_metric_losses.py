@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,22 +12,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from isc.losses.metric import (
+from isc.losses.barlow_twins import BarlowTwinsLoss
+from isc.losses.contrastive import (
     ContrastiveLoss,
-    CrossBatchMemory,
-    D2LVLoss,
     Distance,
-    InfoNCEEntropyLoss,
     Reduction,
-    TripletLoss,
-    all_gather_with_grad,
-    batch_hard_triplet_loss,
     contrastive_loss,
     contrastive_loss_terms,
-    entropy_regularizer,
-    infonce_loss,
-    pairwise_euclidean_distance,
 )
+from isc.losses.d2lv import D2LVLoss
+from isc.losses.infonce_entropy import InfoNCEEntropyLoss, entropy_regularizer, infonce_loss
+from isc.losses.pairwise import pairwise_euclidean_distance
+from isc.losses.triplet import TripletLoss, batch_hard_triplet_loss
+from isc.losses.xbm import CrossBatchMemory
+from isc.train.dist import all_gather_with_grad
 
 # --- slow references: plain Python over pairs, float math --------------------------------------------------
 
@@ -494,6 +493,52 @@ def test_loss_configs_use_sscd_lambda_and_a_lazy_xbm() -> None:
     assert isinstance(sscd, InfoNCEEntropyLoss) and (sscd.entropy_weight, sscd.temperature) == (30.0, 0.05)
     xbm = instantiate(OmegaConf.load(found["contrastive_xbm"]))  # no interpolation of a head's out_dim
     assert isinstance(xbm, CrossBatchMemory) and xbm.embedding_dim is None
+
+
+@pytest.mark.parametrize(
+    ("make", "argument"),
+    [
+        (lambda: TripletLoss(margin=-0.1), "margin"),
+        (lambda: D2LVLoss(ce_weight=-1.0), "ce_weight"),
+        (lambda: D2LVLoss(triplet_weight=-1.0), "triplet_weight"),
+        (lambda: D2LVLoss(label_smoothing=1.0), "label_smoothing"),
+        (lambda: D2LVLoss(margin=-1.0), "margin"),
+        (lambda: InfoNCEEntropyLoss(temperature=0.0), "temperature"),
+        (lambda: InfoNCEEntropyLoss(entropy_weight=-1.0), "entropy_weight"),
+        (lambda: ContrastiveLoss(distance="manhattan"), "distance"),  # type: ignore[arg-type]
+        (lambda: ContrastiveLoss(reduction="sum"), "reduction"),  # type: ignore[arg-type]
+        (lambda: CrossBatchMemory(memory_size=0), "memory_size"),
+        (lambda: CrossBatchMemory(embedding_dim=0), "embedding_dim"),
+        (lambda: BarlowTwinsLoss(lambda_offdiag=-0.1), "lambda_offdiag"),
+        (lambda: BarlowTwinsLoss(eps=0.0), "eps"),
+    ],
+)
+def test_loss_arguments_are_checked_at_construction(make: Any, argument: str) -> None:
+    """A bad config value fails when Hydra builds the loss, naming the argument, not at the first step."""
+    with pytest.raises(ValueError, match=rf"^{argument} must"):
+        make()
+
+
+def test_every_configured_loss_declares_what_it_consumes() -> None:
+    """The training modules read these declarations instead of checking loss types (lightning_modules)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1] / "conf" / "model" / "loss"
+    losses = {p.stem: instantiate(OmegaConf.load(p)) for p in sorted(root.glob("*.yaml"))}
+    inputs = {name: loss.inputs for name, loss in losses.items()}
+    assert inputs == {
+        "barlow_twins": "projection_pair",
+        "contrastive_xbm": "labelled_embeddings",
+        "d2lv": "labelled_embeddings",
+        "infonce_entropy": "labelled_embeddings",
+        "momentum2_teacher": "predictions_and_targets",
+    }
+    classifier = {
+        n: loss.needs_classifier for n, loss in losses.items() if loss.inputs == "labelled_embeddings"
+    }
+    assert classifier == {"contrastive_xbm": False, "d2lv": True, "infonce_entropy": False}
+    assert TripletLoss.needs_classifier is False and ContrastiveLoss.needs_classifier is False
 
 
 # --- two-rank DDP (gloo, CPU): the gathered losses equal the full-batch loss ------------------------------

@@ -18,8 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from isc.models.descriptor import load_descriptor_model, save_descriptor_model
-from tasks.common import descriptor_model
-from tasks.export import export
+from tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 P = 4.25  # exact in float32, and no config's default
@@ -62,15 +61,15 @@ def test_backbone_pooling_reaches_training_checkpoints_export_and_evaluation(
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "last.ckpt")
     assert pooling_p(load_descriptor_model(tmp_path / "last.ckpt")) == P
-    exported = export(
-        compose_cfg(tmp_path / "export", *overrides, "task=export", f"ckpt_path={tmp_path / 'last.ckpt'}")
-    )
-    assert pooling_p(load_descriptor_model(exported["path"])) == P
+    from_checkpoint = f"ckpt_path={tmp_path / 'last.ckpt'}"
+    exported = TASKS["export"](compose_cfg(tmp_path / "x1", *overrides, "task=export", from_checkpoint))
+    assert pooling_p(load_descriptor_model(str(exported["path"]))) == P
     save_descriptor_model(trained, tmp_path / "model.pt")
     assert pooling_p(load_descriptor_model(tmp_path / "model.pt")) == P
 
     # without a checkpoint, evaluate and export build the backbone node itself
-    assert pooling_p(descriptor_model(compose_cfg(tmp_path, *overrides, "task=evaluate"))) == P
+    exported = TASKS["export"](compose_cfg(tmp_path / "x2", *overrides, "task=export"))
+    assert pooling_p(load_descriptor_model(str(exported["path"]))) == P
 
 
 def test_the_training_pooling_is_the_backbone_node_not_a_second_one(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from torch import nn
 
-from datamodules.pretrain import PretrainDataModule, find_images
-from isc.losses.ssl import BarlowTwinsLoss, BYOLLoss, barlow_twins_loss, byol_loss, cross_correlation
+from datamodules.pretrain import EpochShuffle, PretrainDataModule, find_images
+from isc.losses.barlow_twins import BarlowTwinsLoss, barlow_twins_loss, cross_correlation
+from isc.losses.byol import BYOLLoss, byol_loss
 from isc.models.checkpoints import load_trunk_weights
 from isc.models.momentum import (
     MomentumBatchNorm,
@@ -394,6 +396,106 @@ def test_datamodule_batches_two_views(tmp_path: Path) -> None:
         PretrainDataModule(str(tmp_path), batch_size=64, num_workers=0).train_dataloader()
 
 
+def test_epoch_shuffle_is_a_seeded_permutation_per_epoch_disjoint_across_ranks() -> None:
+    """Rank shards of one epoch are disjoint full batches; each epoch (and seed) draws another order."""
+
+    def epoch(seed: int, e: int, world: int, rank: int) -> list[list[int]]:
+        shuffle = EpochShuffle(23, batch_size=3, num_replicas=world, rank=rank, seed=seed)
+        shuffle.set_epoch(e)
+        return list(shuffle)
+
+    shards = [epoch(0, 0, 2, r) for r in (0, 1)]
+    assert all(len(s) == 3 and all(len(b) == 3 for b in s) for s in shards)  # 23 // (3 x 2) steps
+    seen = [i for s in shards for b in s for i in b]
+    assert len(seen) == len(set(seen)) == 18 and set(seen) <= set(range(23))
+    assert epoch(0, 0, 2, 0) == shards[0]  # a pure function of (seed, epoch, rank)
+    assert epoch(0, 1, 2, 0) != shards[0] and epoch(1, 0, 2, 0) != shards[0]
+    single = epoch(0, 0, 1, 0)
+    assert len(single) == 7 and len({i for b in single for i in b}) == 21
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(L.Callback):
+    """Raise before batch ``batch`` of epoch ``epoch``: the run dies mid-epoch, ``last.ckpt`` is from the
+    end of the previous epoch (as a SIGKILL would leave it, in-process)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise Crash
+
+
+class Batches(L.Callback):
+    """Per epoch: the image indices and a checksum of both views of every batch."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[tuple[list[int], float, float]]] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        (v1, v2), index = batch
+        self.seen.setdefault(trainer.current_epoch, []).append(
+            (index.tolist(), v1.double().sum().item(), v2.double().sum().item())
+        )
+
+
+def pretrain(
+    images: Path, out: Path, num_workers: int, *callbacks: L.Callback, ckpt_path: Path | None = None
+) -> Momentum2Teacher:
+    """A fresh "process": seed as run.py does, build model and data, fit 2 epochs (or resume)."""
+    L.seed_everything(0, workers=True)
+    model = Momentum2Teacher(
+        tiny_trunk(),
+        BYOLLoss(),
+        optimizer=partial(torch.optim.SGD, momentum=0.9),
+        scheduler=partial(WarmupCosineLR, warmup_epochs=1),
+        projector_hidden_dim=16,
+        projector_dim=8,
+        predictor_hidden_dim=16,
+        base_momentum=0.9,
+    )
+    data = PretrainDataModule(str(images), image_size=16, batch_size=4, num_workers=num_workers)
+    checkpoint = L.callbacks.ModelCheckpoint(dirpath=out, save_last=True)
+    trainer = quiet_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[checkpoint, *callbacks])
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory")  # the resumed run writes where the crashed one did
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resumed_pretraining_ends_with_the_weights_of_an_uninterrupted_run(
+    tmp_path: Path, num_workers: int
+) -> None:
+    """Crash mid-epoch 1, resume from the epoch-0 ``last.ckpt``: epoch 1 replays the same images and views
+    (main-process or worker augmentations), and the final student, teacher and statistics are the same."""
+    root = tmp_path / "images"
+    write_images(root, 12)  # 3 batches of 4 per epoch
+    whole = Batches()
+    reference = pretrain(root, tmp_path / "whole", num_workers, whole)
+    with pytest.raises(Crash):
+        pretrain(root, tmp_path / "broken", num_workers, CrashAt(epoch=1, batch=1))
+    last = tmp_path / "broken" / "last.ckpt"
+    at_crash = torch.load(last, map_location="cpu", weights_only=False)
+    assert (at_crash["epoch"], at_crash["global_step"]) == (0, 3)  # the end of epoch 0
+    replay = Batches()
+    resumed = pretrain(root, tmp_path / "broken", num_workers, replay, ckpt_path=last)
+
+    assert list(replay.seen) == [1] and len(whole.seen[1]) == 3
+    assert replay.seen[1] == whole.seen[1]  # same images, same augmented views
+    assert [b[0] for b in whole.seen[0]] != [b[0] for b in whole.seen[1]]  # each epoch its own order
+    expected, got = reference.state_dict(), resumed.state_dict()
+    assert got.keys() == expected.keys()
+    for name, weight in expected.items():
+        torch.testing.assert_close(got[name], weight, atol=1e-6, rtol=0, msg=name)
+    assert not torch.equal(
+        got["backbone.trunk.body.0.weight"], at_crash["state_dict"]["backbone.trunk.body.0.weight"]
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # experiments and checkpoints
 
@@ -439,13 +541,13 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("experiment", sorted(SMALL_HEADS))
 def test_experiment_fast_dev_run(experiment: str, images: Path, tmp_path: Path) -> None:
-    import run
+    import tasks
 
     cfg = compose_experiment(
         experiment, tmp_path, images, "trainer.fast_dev_run=true", *SMALL_HEADS[experiment]
     )
     assert cfg.task == "pretrain"
-    metrics = run.train(cfg)
+    metrics = tasks.train(cfg)
     assert math.isfinite(metrics["train/loss"])
 
 

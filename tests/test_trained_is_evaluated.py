@@ -45,7 +45,7 @@ HEADS = {
     "BN-neck head, D2LV loss": [
         "model/loss=d2lv",
         "+model.head={_target_: isc.models.heads.BNNeckHead, _partial_: true, hidden_dims: [16], out_dim: 8}",
-        "model.pooling.p=2.5",
+        "backbone.pooling.p=2.5",
     ],
     "projection head, whitening": [
         "+model.head={_target_: isc.models.heads.ProjectionHead, _partial_: true, out_dim: 16}",

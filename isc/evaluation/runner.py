@@ -132,7 +132,7 @@ def _read_descriptor_file(settings: EvaluationSettings, layout: Disc21Layout) ->
     d = read_descriptors(settings.descriptors)
     ids: Splits = {"queries": d.query_ids, "references": d.reference_ids}
     vectors: Splits = {"queries": d.query, "references": d.reference}
-    if d.training is not None:
+    if d.training is not None and d.training_ids is not None:
         ids["training"], vectors["training"] = d.training_ids, d.training
     log.info("descriptors from %s: %s", settings.descriptors, {k: v.shape for k, v in vectors.items()})
     _check_descriptor_ids(ids, layout)

@@ -1,26 +1,25 @@
-"""Self-supervised pretraining losses: Barlow Twins and the BYOL / Momentum2-Teacher cosine loss.
+"""Barlow Twins: Zbontar, Jing, Misra, LeCun & Deny, "Barlow Twins: Self-Supervised Learning via Redundancy
+Reduction", ICML 2021, arXiv:2103.03230.
 
-Small pure functions with thin ``nn.Module`` wrappers (for Hydra ``_target_``), in the style of
-``lightly``. Every reduction across the batch is *global* under ``torch.distributed``: statistics and the
-cross-correlation are all-reduced with autograd-aware sums, so with DDP's gradient averaging both the
-loss and the gradients equal those of one process seeing the whole batch.
+Self-supervised pretraining without negatives or a teacher: the cross-correlation of the two views'
+projections is pulled to the identity, so each dimension is invariant to the augmentations (diagonal 1)
+and carries information no other dimension does (off-diagonal 0). D2LV pretrained its ResNet-50 this way.
+
+Every reduction across the batch is *global* under ``torch.distributed``: statistics and the
+cross-correlation are all-reduced with autograd-aware sums, so with DDP's gradient averaging both the loss
+and the gradients equal those of one process seeing the whole batch.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from isc.train.dist import all_reduce_sum
 
-__all__ = [
-    "BYOLLoss",
-    "BarlowTwinsLoss",
-    "barlow_twins_loss",
-    "byol_loss",
-    "cross_correlation",
-]
+__all__ = ["BarlowTwinsLoss", "barlow_twins_loss", "cross_correlation"]
 
 
 def _standardize(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +53,10 @@ def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5) -> 
 def barlow_twins_loss(
     z1: torch.Tensor, z2: torch.Tensor, lambda_offdiag: float = 0.0051, eps: float = 1e-5
 ) -> torch.Tensor:
-    """Barlow Twins (Zbontar et al., ICML 2021): ``sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2``.
+    """``sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2``, (B, D), (B, D) -> scalar.
 
-    (B, D), (B, D) -> scalar. Invariance pulls the diagonal of the cross-correlation to 1; redundancy
-    reduction pushes the off-diagonal to 0. ``lambda = 0.0051`` is the paper's value for D = 8192.
+    Invariance pulls the diagonal of the cross-correlation to 1; redundancy reduction pushes the
+    off-diagonal to 0. ``lambda = 0.0051`` is the paper's value for D = 8192.
     """
     c = cross_correlation(z1, z2, eps)
     diag = torch.diagonal(c)
@@ -67,10 +66,18 @@ def barlow_twins_loss(
 
 
 class BarlowTwinsLoss(nn.Module):
-    """:func:`barlow_twins_loss` as a module: ``loss(z1, z2)`` with (B, D) projector outputs."""
+    """:func:`barlow_twins_loss` as a module: forward(z1 (B, D), z2 (B, D)) -> () with the projector outputs
+    of the two views."""
+
+    inputs: ClassVar[str] = "projection_pair"
+    """What forward takes: the projections of two views of the same images."""
 
     def __init__(self, lambda_offdiag: float = 0.0051, eps: float = 1e-5) -> None:
         super().__init__()
+        if lambda_offdiag < 0:
+            raise ValueError(f"lambda_offdiag must be >= 0, got {lambda_offdiag}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
         self.lambda_offdiag = lambda_offdiag
         self.eps = eps
 
@@ -79,23 +86,3 @@ class BarlowTwinsLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lambda_offdiag={self.lambda_offdiag}, eps={self.eps}"
-
-
-def byol_loss(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """BYOL regression loss (Grill et al., NeurIPS 2020): ``2 - 2 cos(q, k)`` per sample, (B, D), (B, D) -> (B,).
-
-    ``k`` (the teacher's output) is a target: it is detached here so no gradient can reach the teacher.
-    """
-    return 2 - 2 * (F.normalize(q, dim=-1) * F.normalize(k.detach(), dim=-1)).sum(dim=-1)
-
-
-class BYOLLoss(nn.Module):
-    """Symmetric BYOL / Momentum2-Teacher loss: ``mean_b [4 - 2 (cos(q1, k1) + cos(q2, k2))]``.
-
-    ``q1``/``q2`` are the student's predictions for views 1/2 and ``k1``/``k2`` the teacher's projections
-    of the *other* view (views 2/1), each (B, D) -> scalar. The batch mean of equal-sized DDP shards,
-    averaged by DDP, is the global-batch mean, so no collective is needed.
-    """
-
-    def forward(self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
-        return (byol_loss(q1, k1) + byol_loss(q2, k2)).mean()
