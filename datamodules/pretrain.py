@@ -8,7 +8,6 @@ Under DDP each rank draws its own share of the images; the batch size is per pro
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,34 +19,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from isc.data.copies import seed_epoch_streams
-from isc.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, screen_for_training
-from isc.data.images import find_images as isc_find_images
+from isc.data.images import ImageFolderDataset, find_images, screen_for_training
 from isc.train.views import TwoViews
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EpochSeededLoader", "EpochShuffle", "PretrainDataModule", "find_images"]
-
-
-def find_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
-    """Image files under ``root`` (sub-folders too if ``recursive``), sorted by path; hidden entries skipped.
-
-    Unlike :func:`isc.data.images.list_images`, names may repeat across sub-folders (``cat/0001.jpg``,
-    ``dog/0001.jpg``): pretraining never uses ids. Raises ``FileNotFoundError`` when there is none.
-    """
-    root = Path(root).expanduser()
-    if recursive:
-        return isc_find_images(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-    found = sorted(
-        p
-        for p in root.iterdir()
-        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-    if not found:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) directly in {root}")
-    return found
+__all__ = ["EpochSeededLoader", "EpochShuffle", "PretrainDataModule"]
 
 
 class EpochShuffle:

@@ -258,7 +258,7 @@ def test_task_evaluate_writes_stages_report_and_files(photo_benchmark, tmp_path)
         ],
         out,
     )
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     metrics = tasks.evaluate(cfg)
     on_disk = json.loads((out / "metrics.json").read_text())
     assert list(on_disk["stages"]) == ["global", "+ multi-scale", "+ local verification"]
@@ -288,7 +288,7 @@ def test_task_predict_needs_no_ground_truth(photo_benchmark, tmp_path):
         for p in (photo_benchmark / split).iterdir():
             (root / split / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "predict"
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     cfg = compose_cfg(
         ["task=predict", f"dataset.root={root}", *TEST_STAGE, "evaluation.score_normalization.enabled=false"],
         out,
@@ -306,7 +306,7 @@ def test_task_predict_needs_no_ground_truth(photo_benchmark, tmp_path):
 def test_ensemble_files_load_before_any_image(photo_benchmark, tmp_path):
     model_file = save_descriptor_model(_model(), tmp_path / "m.pt")
     out = tmp_path / "ens"
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     cfg = compose_cfg(
         [
             f"dataset.root={photo_benchmark}",
@@ -323,7 +323,7 @@ def test_ensemble_files_load_before_any_image(photo_benchmark, tmp_path):
 def test_concat_ensemble_whitens_to_concat_dim(photo_benchmark, tmp_path):
     model_file = save_descriptor_model(_model(), tmp_path / "m.pt")
     out = tmp_path / "concat"
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     cfg = compose_cfg(
         [
             f"dataset.root={photo_benchmark}",
@@ -381,7 +381,7 @@ def test_the_report_and_its_figures_reach_wandb(photo_benchmark, tmp_path, monke
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wandb_run"
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     cfg = compose_cfg(
         [f"dataset.root={photo_benchmark}", "logger=wandb", "evaluation.image_size=128", *TEST_STAGE[:3]], out
     )
@@ -394,7 +394,7 @@ def test_the_report_and_its_figures_reach_wandb(photo_benchmark, tmp_path, monke
 
 def test_descriptor_track_limit_is_checked_before_extraction(photo_benchmark, tmp_path):
     out = tmp_path / "track"
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     cfg = compose_cfg(
         [f"dataset.root={photo_benchmark}", *TEST_STAGE, "evaluation.descriptor_track_max_dim=256"], out
     )
@@ -425,7 +425,8 @@ def test_the_test_stage_resumes_from_its_cache(full_run, tmp_path: Path) -> None
     n_forward = len(calls)
 
     cache = tmp_path / "cache"
-    files = lambda: sorted(p.name.rsplit("-", 1)[0] for p in cache.rglob("*.h5"))  # noqa: E731
+    shards = lambda: sorted(cache.rglob("shard-*.h5"))  # noqa: E731  (<key>/<listing name>/shard-N.h5)
+    files = lambda: sorted(p.parent.name for p in shards())  # noqa: E731
     calls.clear()
     first = run_test_stage([model], paths, ids, settings, gt, cache_dir=cache)
     assert len(calls) == n_forward  # a cold cache computes everything once
@@ -439,9 +440,10 @@ def test_the_test_stage_resumes_from_its_cache(full_run, tmp_path: Path) -> None
     assert calls == []  # every extraction read back: no forward pass at all
     _same_result(again, fresh)
 
-    for p in cache.rglob("references-000000003*.h5"):  # as if killed before the second block finished
-        p.unlink()
-    (next(cache.rglob("queries-*.h5"))).write_bytes(b"truncated")  # and a corrupt piece
+    for p in shards():  # as if killed before the second block finished
+        if p.parent.name.startswith("references-000000003"):
+            p.unlink()
+    next(p for p in shards() if p.parent.name == "queries").write_bytes(b"truncated")  # and a corrupt piece
     calls.clear()
     resumed = run_test_stage([model], paths, ids, settings, gt, cache_dir=cache)
     assert 0 < len(calls) < n_forward

@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from torch import nn
 
-from datamodules.pretrain import EpochShuffle, PretrainDataModule, find_images
+from datamodules.pretrain import EpochShuffle, PretrainDataModule
+from isc.data.images import find_images
 from isc.losses.barlow_twins import BarlowTwinsLoss, barlow_twins_loss, cross_correlation
 from isc.losses.byol import BYOLLoss, byol_loss
 from isc.models.checkpoints import load_trunk_weights

@@ -95,26 +95,27 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     return [paths[i] for i in order]
 
 
-def find_images(root: str | os.PathLike[str]) -> list[Path]:
-    """Every image file under ``root``, recursively (hidden files and folders skipped), sorted by path.
+def find_images(root: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+    """Every image file under ``root`` (sub-folders too if ``recursive``; hidden entries skipped), by path.
 
-    For pools of source images (e.g. a photo collection in category folders), where file names need
-    not be unique ids.
+    For pools of source images (e.g. a photo collection in category folders, or pretraining images),
+    where file names need not be unique ids. Raises ``FileNotFoundError`` when there is none.
     """
-    root = Path(root)
+    root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
     found: list[Path] = []
     broken: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")] if recursive else []
         for f in filenames:
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
                 path = Path(dirpath) / f
                 (broken if path.is_symlink() and not path.exists() else found).append(path)
     _warn_broken_links(broken, root)
     if not found:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+        where = "under" if recursive else "directly in"
+        raise FileNotFoundError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) {where} {root}")
     return sorted(found)
 
 
