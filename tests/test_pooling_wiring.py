@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_cfg
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from isc.models.descriptor import load_descriptor_model, save_descriptor_model
 from tasks import TASKS
@@ -31,11 +30,6 @@ EXPERIMENTS = {
         "model.head.out_dim=4",
     ],
 }
-
-
-def compose_cfg(out_dir: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"paths.output_dir={out_dir}", *overrides])
 
 
 def pooling_p(model: Any) -> float:

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import evaluate_checkpoint, make_copy_benchmark
-from test_finetune import compose_cfg, tiny
+from conftest import compose_cfg, evaluate_checkpoint, make_copy_benchmark
+from test_finetune import tiny
 from test_pretrain import SMALL_HEADS, compose_experiment, write_images
 
 import tasks
