@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from isc.data.copies import seed_epoch_streams
+from isc.data.copies import DeferredPass, seed_epoch_streams
 from isc.data.images import ImageFolderDataset, find_images, screen_for_training
 from isc.train.views import TwoViews
 
@@ -101,29 +101,13 @@ class EpochSeededLoader(DataLoader):
         self.epoch_fn = epoch_fn
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        return _FirstBatchPass(self)
+        return DeferredPass(self)
 
     def _start_pass(self) -> Iterator[Any]:
         epoch = int(self.epoch_fn()) if self.epoch_fn is not None else self.epoch_shuffle.epoch
         self.epoch_shuffle.set_epoch(epoch)
         seed_epoch_streams(self.seed, epoch, self.rank)
         return DataLoader.__iter__(self)
-
-
-class _FirstBatchPass(Iterator[Any]):
-    """One pass of an :class:`EpochSeededLoader`: the real iterator (and its workers) starts at the first batch."""
-
-    def __init__(self, loader: EpochSeededLoader) -> None:
-        self._loader = loader
-        self._iterator: Iterator[Any] | None = None
-
-    def __len__(self) -> int:
-        return len(self._loader)
-
-    def __next__(self) -> Any:
-        if self._iterator is None:
-            self._iterator = self._loader._start_pass()
-        return next(self._iterator)
 
 
 class PretrainDataModule(L.LightningDataModule):

@@ -25,7 +25,14 @@ from torch.utils.data import DataLoader, Dataset
 from isc.augment import Transform, rng_for
 from isc.data.images import IMAGE_EXTENSIONS, load_image
 
-__all__ = ["EpochLoader", "GeneratedCopiesDataset", "OnlineCopiesDataset", "PKSampler", "seed_epoch_streams"]
+__all__ = [
+    "DeferredPass",
+    "EpochLoader",
+    "GeneratedCopiesDataset",
+    "OnlineCopiesDataset",
+    "PKSampler",
+    "seed_epoch_streams",
+]
 
 
 class GeneratedCopiesDataset(Dataset):
@@ -303,7 +310,7 @@ class EpochLoader(DataLoader):
         self.pk_sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        return _DeferredPass(self)
+        return DeferredPass(self)
 
     def _start_pass(self) -> Iterator[Any]:
         epoch = int(self.epoch_fn()) if self.epoch_fn is not None else self.pk_sampler.next_epoch
@@ -320,10 +327,11 @@ class EpochLoader(DataLoader):
         return DataLoader.__iter__(self)
 
 
-class _DeferredPass(Iterator[Any]):
-    """One pass of an :class:`EpochLoader`: the real iterator (and its workers) starts at the first batch."""
+class DeferredPass(Iterator[Any]):
+    """One pass of an epoch-seeded loader (:class:`EpochLoader`, the pretraining loader): its real
+    iterator (and its workers) starts at the first batch, once Lightning has set the epoch."""
 
-    def __init__(self, loader: EpochLoader) -> None:
+    def __init__(self, loader: Any) -> None:
         self._loader = loader
         self._iterator: Iterator[Any] | None = None
 

@@ -174,16 +174,7 @@ def evaluate_layout(
             )
         ids, vectors = _read_descriptor_file(settings, layout)
         s = resolve_settings(settings, len(ids.get("training", ())), [vectors["queries"].shape[1]])
-        result = match_descriptors(
-            ids["queries"],
-            vectors["queries"],
-            ids["references"],
-            vectors["references"],
-            vectors.get("training"),
-            ground_truth,
-            s,
-            training_ids=ids.get("training"),
-        )
+        result = _match(ids, vectors, ground_truth, s)
         paths = listed  # the report shows the images the ids name
     else:
         paths = _screen(layout, listed, skip_bad, skipped, max(8, settings.num_workers))
@@ -259,7 +250,8 @@ def _global(
     image_size = getattr(model, "image_size", None) or s.image_size
     if image_size != s.image_size:
         log.info("evaluating at the model's %d px (evaluation.image_size=%d)", image_size, s.image_size)
-    vectors, ids = {}, {}
+    vectors: Splits = {}
+    ids: Splits = {}
     started = time.perf_counter()
     for split, files in paths.items():
         d = extract(
@@ -278,6 +270,12 @@ def _global(
     n = sum(len(v) for v in ids.values())
     seconds = time.perf_counter() - started
     log.info("extracted %d descriptors in %.1f s (%.1f images/s)", n, seconds, n / max(seconds, 1e-9))
+    return _match(ids, vectors, ground_truth, s)
+
+
+def _match(
+    ids: Splits, vectors: Splits, ground_truth: GroundTruth | None, s: EvaluationSettings
+) -> EvaluationResult:
     return match_descriptors(
         ids["queries"],
         vectors["queries"],
