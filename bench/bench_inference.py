@@ -1,27 +1,29 @@
-"""Memory and time of D2LV's search + aggregation on synthetic descriptors, against the global path.
+"""Memory and time of D2LV's test stage after the model, on synthetic descriptors, against its global path.
 
 D2LV's test stage (``isc.evaluation.inference``) describes every query by ~20 *views* and matches the
 original query against 19 views of every reference (the whole image and 18 crops), then combines the
-view scores (``isc.evaluation.aggregate``). This script runs the part after the model on random unit
-float32 descriptors (seeded; exact search cost does not depend on the data), each stage in its own
-freshly spawned process so that its peak RSS is its own:
+view scores (``isc.evaluation.aggregate``). This script runs the test stage itself,
+``isc.evaluation.inference.run_test_stage`` (``_search_model``, ``_stages``, ``_score``), with only the
+extraction replaced: :class:`SyntheticExtraction` returns seeded random unit float32 descriptors of the
+shapes ``extract`` would (exact search cost does not depend on the data), and its time is not counted.
+There is no training set, so post-processing is L2 normalisation. Each stage runs in its own freshly
+spawned process so that its peak RSS is its own:
 
-- ``global``: one descriptor per query against all references held in memory: ``knn`` -> candidate rows ->
-  ``aggregate_pairs(top=1)`` -> ``.top(500_000)``, the baseline (``global`` stage of the test stage);
-- ``local``: every query view against the references ``--block`` images at a time, each view keeping its
-  running top-k (``merge_topk``), and the original views against the reference crops, generated block by
-  block so that the crop matrix never exists whole; then ``Candidates`` -> ``view_penalty`` ->
-  ``aggregate_pairs(top=2)`` -> ``.top(500_000)``. The loop has the shape of ``_search_model`` in
-  ``isc/evaluation/inference.py`` (same arrays alive at the same time, same bookkeeping); descriptor
-  post-processing and score normalisation are left out.
+- ``global``: one view per query, one scale, one model, every reference in one block (the global stage's
+  path: ``knn`` -> candidate rows -> ``aggregate_pairs(top=1)`` -> 500,000 pairs), the baseline;
+- ``local``: local verification with the query views (``--views`` each), the reference crops
+  (``--crops`` > 1) searched ``--block`` images at a time, ``--scales`` kept apart (``multiscale: max``)
+  and ``--models`` voting; every stage the test stage scores (global, + multi-scale, + local
+  verification, + reference crops, + ensemble).
 
-It prints one table (search and aggregation seconds, milliseconds per query, peak RSS over the process
-after its imports and a warm-up search, numpy's traced peak of the aggregation) with the local/global
-ratios of the same run, then the memory arithmetic of the local stage, checked against the measured
-peak at this run's size and evaluated at ``--full-queries`` x ``--full-references`` (DISC21: 50k x
-1M), with the measured time extrapolated there (search linearly in queries x references, aggregation
-in candidate rows). Descriptor generation stands in for the model and is not counted. Defaults take
-about a minute on 2 cores.
+The searches (``_knn_into``: ``knn`` + ``merge_topk``) and the aggregation (``_stages``) are timed where
+the test stage calls them; "other" is the rest of ``run_test_stage`` (post-processing, candidate rows,
+bookkeeping). It prints one table (seconds, milliseconds per query, peak RSS over the process after its
+imports and a warm-up search, numpy's traced peak of the aggregation) with the local/global ratios of
+the same run, then the memory arithmetic of the local stage, checked against the measured peak at this
+run's size and evaluated at ``--full-queries`` x ``--full-references`` (DISC21: 50k x 1M), with the
+measured time extrapolated there (search linearly in query rows x reference rows, aggregation in
+candidate rows). Defaults take about a minute on 2 cores.
 
     .venv/bin/python bench/bench_inference.py
     .venv/bin/python bench/bench_inference.py --queries 50 --views 4 --references 500 --block 200 \
@@ -35,17 +37,29 @@ import resource
 import sys
 import time
 import tracemalloc
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from isc.evaluation.aggregate import Candidates, aggregate_pairs, merge_topk, view_penalty  # noqa: E402
-from isc.evaluation.search import knn  # noqa: E402
+from isc.evaluation import inference  # noqa: E402
+from isc.evaluation.extract import ViewDescriptors, whole_image  # noqa: E402
+from isc.evaluation.search import Backend, knn  # noqa: E402
+from isc.evaluation.settings import (  # noqa: E402
+    Ensemble,
+    EvaluationSettings,
+    LocalVerification,
+    ScoreNormalization,
+    Whitening,
+)
+from isc.evaluation.views import View  # noqa: E402
 
 MAX_PREDICTIONS = 500_000  # the official cap (evaluation.max_predictions)
 PENALTY, PENALTY_FREE, TOP = 0.05, ("original", "overlay"), 2  # conf/experiment/d2lv_inference.yaml
@@ -95,7 +109,7 @@ class Ns(argparse.Namespace):
     block: int
     scales: int
     models: int
-    backend: str
+    backend: Backend
     device: str
     seed: int
     full_queries: int
@@ -119,22 +133,39 @@ class Ns(argparse.Namespace):
         )
 
 
+@dataclass(frozen=True)
+class Kept:
+    """What the test stage's aggregation (``_stages``) holds, numpy-traced, per what it grows with.
+
+    ``working_per_row``: the peak of the last stage's ``_score`` (every candidate row: selection, penalty,
+    pairs) over what it started with, per row; ``masks_per_row``: the stages' row masks, held from the
+    first stage to the last; ``per_pair``: each earlier stage's result (pairs, predictions with their ids),
+    held until the last stage is scored, per pair (at most ``max_predictions`` a stage).
+    """
+
+    working_per_row: float = 0.0
+    masks_per_row: float = 0.0
+    per_pair: float = 0.0
+
+
 @dataclass
 class StageResult:
     name: str
     search_s: float  # view search (+ crop search for the local stage), merges included
     crop_s: float  # the crop search alone (part of search_s)
-    aggregate_s: float  # candidate rows -> pairs -> top 500,000
-    generate_s: float  # synthetic descriptors (stands in for the model; not counted)
+    aggregate_s: float  # every stage's rows -> penalty -> pairs -> top 500,000 (the test stage's _stages)
+    other_s: float  # the rest of run_test_stage: post-processing, candidate rows, bookkeeping
+    generate_s: float  # synthetic descriptors (stand in for the model; not counted)
     rows: int
     pairs: int
     base_rss_mb: float  # RSS of the process after its imports and a warm-up search
     peak_rss_mb: float  # peak RSS of the stage over base_rss_mb
     aggregate_traced_mb: float  # numpy's traced peak during aggregation over what it held before
+    kept: Kept  # the aggregation's traced memory, split by what it grows with
 
     @property
     def total_s(self) -> float:
-        return self.search_s + self.aggregate_s
+        return self.search_s + self.aggregate_s + self.other_s
 
 
 def _rss_mb() -> float:
@@ -149,52 +180,86 @@ def _unit(seed: tuple[int, ...], n: int, d: int) -> np.ndarray:
     return x
 
 
-# seeds: (run seed, model, what, scale, block); what: 0 query views, 1 query originals, 2 references, 3 crops
-def _originals(seed: int, model: int, scale: int, sz: Sizes) -> np.ndarray:
-    return _unit((seed, model, 1, scale, 0), sz.queries, sz.dim)
-
-
-def _reference_block(seed: int, model: int, scale: int, block: int, n: int, sz: Sizes) -> np.ndarray:
-    return _unit((seed, model, 2, scale, block), n, sz.dim)
-
-
-def _query_views(seed: int, model: int, scale: int, sz: Sizes) -> np.ndarray:
-    """(queries * views, d), view 0 of each query being its original (the global stage's descriptor)."""
-    x = _unit((seed, model, 0, scale, 0), sz.queries * sz.views, sz.dim)
-    x[:: sz.views] = _originals(seed, model, scale, sz)
-    return x
-
-
-def _view_kinds(views: int) -> np.ndarray:
+def _view_kinds(views: int) -> list[str]:
     """Kinds of one query's views, as ``query_views`` orders them: original, rotations, crops, proposals,
     and a final overlay (penalty-free, like the original)."""
     kinds = ["original"] + ["rotation"] * 3 + ["crop"] * 5
     kinds += ["proposal"] * max(0, views - len(kinds) - 1) + ["overlay"]
-    return np.array(kinds[:views])
+    return kinds[:views]
 
 
-def _knn_into(
-    best: tuple[np.ndarray, np.ndarray], queries: np.ndarray, refs: np.ndarray, rows: np.ndarray, args: Ns
-) -> tuple[np.ndarray, np.ndarray]:
-    """Search ``refs`` (global row numbers ``rows``) and merge into the running top-k, as the test stage."""
-    sims, idx = knn(queries, refs, args.k, backend=args.backend, device=args.device)
-    idx = np.where(idx >= 0, rows[np.maximum(idx, 0)], -1)
-    return merge_topk(*best, sims, idx, args.k)
+class _Model(nn.Module):
+    """Stands for ensemble member ``index``: the synthetic extraction reads the index, nothing runs it."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
 
 
-def _aggregate(candidates: Candidates, kinds: np.ndarray | None, top: int) -> tuple[int, float, float]:
-    """Penalise (when ``kinds`` is given), aggregate and cap: (pairs kept, seconds, traced peak MB)."""
-    tracemalloc.reset_peak()
-    held = tracemalloc.get_traced_memory()[0]
-    started = time.perf_counter()
-    c = candidates.take(np.flatnonzero(np.ones(len(candidates), dtype=bool)))  # _score selects its rows
-    if kinds is not None:
-        c = c.with_scores(
-            c.score - view_penalty(np.isin(kinds, PENALTY_FREE)[c.query_view], c.reference_view, PENALTY)
+class SyntheticExtraction:
+    """Replaces ``extract`` inside ``isc.evaluation.inference``: seeded unit descriptors of the shape the
+    engine would return for each call of the test stage (training, query views, a reference block, its
+    crops), timed as generation. It also tells the search timer whether the next searches are crop searches.
+
+    Seeds: (run seed, model, what, scale, block); what: 0 query views, 2 references, 3 crops.
+    """
+
+    def __init__(self, seed: int, sz: Sizes) -> None:
+        self.seed, self.sz = seed, sz
+        self.seconds = 0.0
+        self.crops_next = False
+        self.box = (0, 0, 640, 480)  # DISC21's typical query size; nothing reads the pixels
+
+    def __call__(
+        self,
+        model: nn.Module,
+        paths: Sequence[Path],
+        *,
+        scales: Sequence[int],
+        views: Any,
+        name: str,
+        **_: Any,
+    ) -> ViewDescriptors:
+        started = time.perf_counter()
+        sz, m, n = self.sz, int(model.index), len(paths)  # type: ignore[arg-type]
+        ids = np.array([p.stem for p in paths])
+        self.crops_next = name.endswith("-crops")
+        if name == "queries":
+            if views is whole_image:
+                views_of = [[View("original", self.box)]] * n
+            elif callable(views):  # the first model: the query views of every query
+                views_of = [[View(k, self.box) for k in _view_kinds(sz.views)]] * n  # type: ignore[arg-type]
+            else:  # a later model gets the first one's views
+                views_of = list(views)
+            per_image = len(views_of[0])
+            per_scale = []
+            for e in range(len(scales)):
+                originals = _unit((self.seed, m, 1, e, 0), n, sz.dim)  # the global stage's descriptors
+                if per_image == 1:
+                    per_scale.append(originals)
+                    continue
+                x = _unit((self.seed, m, 0, e, 0), n * per_image, sz.dim)
+                x[::per_image] = originals
+                per_scale.append(x)
+        elif self.crops_next:
+            b = int(name.split("-")[1]) // sz.block
+            crop = [View("reference_crop", self.box)] * (sz.crops - 1)
+            views_of, per_image = [crop] * n, sz.crops - 1
+            per_scale = [_unit((self.seed, m, 3, 0, b), n * per_image, sz.dim)]
+        else:
+            b = int(name.split("-")[1]) // sz.block
+            views_of, per_image = [[View("original", self.box)]] * n, 1
+            per_scale = [_unit((self.seed, m, 2, e, b), n, sz.dim) for e in range(len(scales))]
+        out = ViewDescriptors(
+            ids,
+            per_scale,
+            np.repeat(np.arange(n, dtype=np.int64), per_image),
+            views_of,
+            np.tile(np.array(self.box[2:], dtype=np.int64), (n, 1)),
+            np.zeros(len(scales)),
         )
-    pairs = aggregate_pairs(c, top=top).top(MAX_PREDICTIONS)
-    seconds = time.perf_counter() - started
-    return len(pairs), seconds, (tracemalloc.get_traced_memory()[1] - held) / MB
+        self.seconds += time.perf_counter() - started
+        return out
 
 
 def _current_rss_mb() -> float:
@@ -215,148 +280,117 @@ def _warm_up(args: Ns) -> float:
     return _current_rss_mb()
 
 
-def run_global(args: Ns) -> StageResult:
-    """Baseline: one descriptor per query, all references in memory, one search, max over rows."""
+def settings_for(stage: str, args: Ns) -> EvaluationSettings:
+    """The test stage's settings: ``global`` one view, one scale, one model, every reference in one block;
+    ``local`` the query views, the reference crops (``--crops`` > 1), ``--scales`` kept apart
+    (``multiscale: max``) and ``--models`` voting (D2LV: 2 of 3). No training set: post-processing is
+    L2 normalisation only."""
     sz = args.sizes()
-    base = _warm_up(args)
-    started = time.perf_counter()
-    queries = _originals(args.seed, 0, 0, sz)
-    refs = np.empty((sz.references, sz.dim), dtype=np.float32)
-    for b, start in enumerate(range(0, sz.references, sz.block)):
-        stop = min(start + sz.block, sz.references)
-        refs[start:stop] = _reference_block(args.seed, 0, 0, b, stop - start, sz)
-    generate = time.perf_counter() - started
-    started = time.perf_counter()
-    sims, idx = knn(queries, refs, sz.k, backend=args.backend, device=args.device)
-    search = time.perf_counter() - started
-    started = time.perf_counter()
-    i, j = np.nonzero(idx >= 0)
-    candidates = Candidates(
-        query=i,
-        reference=idx[i, j],
-        score=sims[i, j],
-        query_view=i * sz.views,
-        reference_view=np.zeros(len(i), dtype=np.int64),
-        scale=np.zeros(len(i), dtype=np.int64),
-        model=np.zeros(len(i), dtype=np.int64),
+    off = {"whitening": Whitening(enabled=False), "score_normalization": ScoreNormalization(enabled=False)}
+    common = {
+        "k": sz.k,
+        "search_backend": args.backend,
+        "device": args.device,
+        "max_predictions": MAX_PREDICTIONS,
+    }
+    if stage == "global":
+        return EvaluationSettings(scales=(224,), reference_block=sz.references, **common, **off)  # type: ignore[arg-type]
+    lv = LocalVerification(
+        enabled=True, reference_crops=sz.crops > 1, penalty=PENALTY, penalty_free=PENALTY_FREE, top=TOP
     )
-    build = time.perf_counter() - started
-    n_pairs, aggregate, traced = _aggregate(candidates, None, top=1)
-    return StageResult(
-        "global",
-        search,
-        0.0,
-        build + aggregate,
-        generate,
-        len(candidates),
-        n_pairs,
-        base,
-        _rss_mb() - base,
-        traced,
+    ensemble = Ensemble(models=tuple(f"m{i}" for i in range(sz.models)), min_votes=min(2, sz.models))
+    scales = tuple(224 + 32 * e for e in range(sz.scales))
+    return EvaluationSettings(
+        scales=scales,
+        multiscale="max",
+        local_verification=lv,
+        ensemble=ensemble if sz.models > 1 else Ensemble(),
+        reference_block=sz.block,
+        **common,  # type: ignore[arg-type]
+        **off,  # type: ignore[arg-type]
     )
 
 
-def run_local(args: Ns) -> StageResult:
-    """Query views x references block by block (+ original views x reference crops), then aggregation."""
+def run_stage(stage: str, args: Ns) -> StageResult:
+    """``isc.evaluation.inference.run_test_stage`` with the synthetic extraction, its searches and its
+    aggregation timed where the test stage calls them."""
     sz = args.sizes()
+    s = settings_for(stage, args)
     base = _warm_up(args)
-    generate = search = crop_search = build = 0.0
-    owner = np.repeat(np.arange(sz.queries, dtype=np.int64), sz.views)
-    original = np.arange(sz.queries, dtype=np.int64) * sz.views
-    n_views = len(owner)
-    parts: list[Candidates] = []
-    kept_references: list[np.ndarray] = []  # run_test_stage keeps the first model's whole references
+    synthetic = SyntheticExtraction(args.seed, sz)
+    timer = {"search": 0.0, "crops": 0.0, "aggregate": 0.0, "traced": 0.0}
+    knn_into, stages, score = inference._knn_into, inference._stages, inference._score
 
-    def empty(n: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.full((n, sz.k), -np.inf, np.float32), np.full((n, sz.k), -1, np.int64)
+    def timed_knn_into(*a: Any, **kw: Any) -> Any:
+        started = time.perf_counter()
+        out = knn_into(*a, **kw)
+        seconds = time.perf_counter() - started
+        timer["search"] += seconds
+        timer["crops"] += seconds if synthetic.crops_next else 0.0
+        return out
 
-    for m in range(sz.models):
+    calls: list[tuple[int, int, int, int, int]] = []  # per _score: held before, peak, held after, rows, pairs
+    entry, peak = [0], [0]  # traced bytes when _stages starts; the highest peak of its _score calls
+
+    def timed_stages(*a: Any, **kw: Any) -> Any:
+        tracemalloc.reset_peak()
+        entry[0] = tracemalloc.get_traced_memory()[0]
         started = time.perf_counter()
-        queries = [_query_views(args.seed, m, e, sz) for e in range(sz.scales)]
-        generate += time.perf_counter() - started
-        whole = [empty(n_views) for _ in queries]
-        crops = empty(sz.queries)
-        ref_tables: list[np.ndarray] = []  # (image, crop index) of every reference row searched
-        global_refs: list[np.ndarray] = []
-        rc: np.ndarray | None = None
-        n_ref_views = 0
-        for b, start in enumerate(range(0, sz.references, sz.block)):
-            n = min(sz.block, sz.references - start)
-            rows = n_ref_views + np.arange(n)
-            ref_tables.append(np.stack([start + np.arange(n), np.zeros(n, dtype=np.int64)], axis=1))
-            n_ref_views += n
-            for e in range(sz.scales):
-                started = time.perf_counter()
-                ref = _reference_block(args.seed, m, e, b, n, sz)
-                generate += time.perf_counter() - started
-                if e == 0:
-                    global_refs.append(ref)
-                started = time.perf_counter()
-                whole[e] = _knn_into(whole[e], queries[e], ref, rows, args)
-                search += time.perf_counter() - started
-            if sz.crops > 1:
-                started = time.perf_counter()
-                # like the test stage's `rc`, the previous block's crops live until these replace them
-                rc = _unit((args.seed, m, 3, 0, b), n * (sz.crops - 1), sz.dim)
-                generate += time.perf_counter() - started
-                started = time.perf_counter()
-                crop_index = np.tile(np.arange(1, sz.crops, dtype=np.int64), n)
-                crop_rows = n_ref_views + np.arange(len(crop_index))
-                crop_owner = np.repeat(start + np.arange(n, dtype=np.int64), sz.crops - 1)
-                ref_tables.append(np.stack([crop_owner, crop_index], axis=1))
-                n_ref_views += len(crop_index)
-                ref = np.concatenate([global_refs[-1], rc])
-                crops = _knn_into(crops, queries[0][original], ref, np.r_[rows, crop_rows], args)
-                crop_search += time.perf_counter() - started
-        started = time.perf_counter()
-        ref_table = np.concatenate(ref_tables)
-        searches = [(e, sims, idx, np.arange(n_views)) for e, (sims, idx) in enumerate(whole)]
-        if sz.crops > 1:  # whole references found here are already in the first search: keep crop rows
-            sims, idx = crops
-            searches.append((0, sims, np.where(ref_table[np.maximum(idx, 0), 1] > 0, idx, -1), original))
-        for e, sims, idx, view_rows in searches:
-            i, j = np.nonzero(idx >= 0)
-            hit = idx[i, j]
-            parts.append(
-                Candidates(
-                    query=owner[view_rows[i]],
-                    reference=ref_table[hit, 0],
-                    score=sims[i, j],
-                    query_view=view_rows[i],
-                    reference_view=ref_table[hit, 1],
-                    scale=np.full(len(i), e),
-                    model=np.full(len(i), m),
-                )
-            )
-        if m == 0:
-            kept_references.append(np.concatenate(global_refs))
-        del queries, whole, crops, ref_tables, global_refs, ref_table, searches, ref, rc
-        build += time.perf_counter() - started
+        out = stages(*a, **kw)
+        timer["aggregate"] += time.perf_counter() - started
+        timer["traced"] = (peak[0] - entry[0]) / MB
+        return out
+
+    def traced_score(name: str, rows: np.ndarray, *a: Any, **kw: Any) -> Any:
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        out = score(name, rows, *a, **kw)
+        after, top = tracemalloc.get_traced_memory()
+        peak[0] = max(peak[0], top)
+        calls.append((held, top, after, int(np.count_nonzero(rows)), len(out.pairs)))
+        return out
+
+    inference.extract = synthetic  # type: ignore[assignment]
+    inference._knn_into = timed_knn_into  # type: ignore[assignment]
+    inference._stages = timed_stages  # type: ignore[assignment]
+    inference._score = traced_score  # type: ignore[assignment]
+    models = [_Model(m) for m in range(1 if stage == "global" else sz.models)]
+    paths = {
+        "queries": [Path(f"Q{i:07d}.jpg") for i in range(sz.queries)],
+        "references": [Path(f"R{i:07d}.jpg") for i in range(sz.references)],
+    }
+    ids = {split: [p.stem for p in files] for split, files in paths.items()}
     started = time.perf_counter()
-    candidates = Candidates.concat(parts)
-    del parts
-    kinds = np.tile(_view_kinds(sz.views), sz.queries)  # per query view, as TestStageResult.query_views
-    build += time.perf_counter() - started
-    n_pairs, aggregate, traced = _aggregate(candidates, kinds, top=TOP)
+    result = inference.run_test_stage(models, paths, ids, s)  # type: ignore[arg-type]
+    wall = time.perf_counter() - started
+    other = wall - synthetic.seconds - timer["search"] - timer["aggregate"]
+    first, last = calls[0], calls[-1]
+    earlier_pairs = sum(c[4] for c in calls[:-1])
+    kept = Kept(
+        (last[1] - last[0]) / max(1, last[3]),
+        (first[0] - entry[0]) / max(1, len(result.rows.candidates)),
+        sum(c[2] - c[0] for c in calls[:-1]) / max(1, earlier_pairs),
+    )
     return StageResult(
-        "local",
-        search + crop_search,
-        crop_search,
-        build + aggregate,
-        generate,
-        len(candidates),
-        n_pairs,
+        stage,
+        timer["search"],
+        timer["crops"],
+        timer["aggregate"],
+        other,
+        synthetic.seconds,
+        len(result.rows.candidates),
+        len(result.predictions.scores),
         base,
         _rss_mb() - base,
-        traced,
+        timer["traced"],
+        kept,
     )
 
 
 def _in_fresh_process(stage: str, args: Ns) -> StageResult:
     """Run one stage in a newly spawned interpreter: its peak RSS owes nothing to the other stage."""
-    fn = run_global if stage == "global" else run_local
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, args).result()
+        return pool.submit(run_stage, stage, args).result()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -371,17 +405,25 @@ def _tile(query_rows: int, database_rows: int) -> int:
 Term = tuple[str, str, str, float]  # phase, what, grows with, bytes
 
 
-def memory_terms(sz: Sizes, aggregate_bytes_per_row: float) -> list[Term]:
+def n_stages(sz: Sizes) -> int:
+    """The stages the test stage scores: global, + multi-scale, + local verification, + reference crops,
+    + ensemble."""
+    return 2 + (sz.scales > 1) + (sz.crops > 1) + (sz.models > 1)
+
+
+def memory_terms(sz: Sizes, aggregate_bytes_per_row: float, kept: Kept | None = None) -> list[Term]:
     """The local stage's main allocations at size ``sz``.
 
     Search phase: what one model's pass holds while it searches the last reference block (its crops, or
     its whole images when there are no crops); aggregation phase: the candidate rows of every model and
-    the aggregation's working set (measured per row in this run).
+    the aggregation's working set (measured per row in this run), and with ``kept`` (measured) the
+    stages' row masks and the results of the stages before the last (at most ``max_predictions`` pairs
+    each, the global stage at most queries x k).
     """
     d4, b, k = sz.dim * 4, min(sz.block, sz.references), sz.k
     view_rows = sz.queries * sz.views * sz.scales
     rows = sz.view_rows + sz.crop_rows
-    kept = sz.references * d4  # the first scale's whole references: run_test_stage returns them
+    whole = sz.references * d4  # the first scale's whole references: run_test_stage returns them
     terms: list[Term] = []
 
     def search(what: str, grows: str, nbytes: float) -> None:
@@ -418,14 +460,26 @@ def memory_terms(sz: Sizes, aggregate_bytes_per_row: float) -> list[Term]:
     search(
         "reference-view table r*crops*2*8 (image, crop index)", "references", sz.references * sz.crops * 16
     )
-    search("whole-reference descriptors kept so far, r*d*4", "references", kept)
+    search("whole-reference descriptors kept so far, r*d*4", "references", whole)
     aggregate(f"candidate rows ({rows:,}) x {CANDIDATE_ROW_BYTES} B", "queries", rows * CANDIDATE_ROW_BYTES)
     aggregate(
         f"aggregation working set {aggregate_bytes_per_row:.0f} B/row (measured)",
         "queries",
         rows * aggregate_bytes_per_row,
     )
-    aggregate("whole-reference descriptors kept, r*d*4", "references", kept)
+    if kept is not None:
+        aggregate(
+            f"the stages' row masks {kept.masks_per_row:.0f} B/row (measured)",
+            "queries",
+            rows * kept.masks_per_row,
+        )
+        pairs = min(sz.queries * k, MAX_PREDICTIONS) + (n_stages(sz) - 2) * min(rows, MAX_PREDICTIONS)
+        aggregate(
+            f"earlier stages' results, {pairs:,} pairs x {kept.per_pair:.0f} B (measured)",
+            "queries",
+            pairs * kept.per_pair,
+        )
+    aggregate("whole-reference descriptors kept, r*d*4", "references", whole)
     return terms
 
 
@@ -438,10 +492,10 @@ def _by(terms: list[Term], phase: str) -> dict[str, float]:
 
 
 def print_arithmetic(
-    label: str, sz: Sizes, per_row: float, measured_mb: float | None = None
+    label: str, sz: Sizes, per_row: float, measured_mb: float | None = None, kept: Kept | None = None
 ) -> tuple[str, float]:
     """Print the terms and each phase's total; return the peak phase and its bytes."""
-    terms = memory_terms(sz, per_row)
+    terms = memory_terms(sz, per_row, kept)
     print(
         f"\n{label}: {sz.queries:,} queries x {sz.views} views x {sz.scales} scale(s) x "
         f"{sz.models} model(s), "
@@ -513,12 +567,14 @@ def main(argv: list[str] | None = None) -> None:
     results = {stage: _in_fresh_process(stage, args) for stage in ("global", "local")}
 
     print(
-        f"\n{'stage':8s} {'search s':>9s} {'of which crops':>14s} {'aggregate s':>11s} {'total s':>8s} "
+        f"\n{'stage':8s} {'search s':>9s} {'of which crops':>14s} {'aggregate s':>11s} {'other s':>8s} "
+        f"{'total s':>8s} "
         f"{'ms/query':>9s} {'peak RSS MB':>11s} {'agg. traced MB':>14s} {'rows':>11s} {'pairs':>9s}"
     )
     for r in results.values():
         print(
-            f"{r.name:8s} {r.search_s:9.2f} {r.crop_s:14.2f} {r.aggregate_s:11.2f} {r.total_s:8.2f} "
+            f"{r.name:8s} {r.search_s:9.2f} {r.crop_s:14.2f} {r.aggregate_s:11.2f} {r.other_s:8.2f} "
+            f"{r.total_s:8.2f} "
             f"{1000 * r.total_s / sz.queries:9.2f} {r.peak_rss_mb:11.1f} {r.aggregate_traced_mb:14.1f} "
             f"{r.rows:11,d} {r.pairs:9,d}"
         )
@@ -529,14 +585,19 @@ def main(argv: list[str] | None = None) -> None:
         f"peak RSS {loc.peak_rss_mb / g.peak_rss_mb:.1f}x"
     )
     print(
-        "(peak RSS is over the RSS of each process after its imports and a warm-up search: "
+        "(other: the rest of run_test_stage, i.e. L2 post-processing of every descriptor, candidate rows, "
+        "bookkeeping; peak RSS is over the RSS of each process after its imports and a warm-up search: "
         f"{g.base_rss_mb:.0f} / {loc.base_rss_mb:.0f} MB; "
         f"descriptor generation, not counted: {g.generate_s:.1f} / {loc.generate_s:.1f} s)"
     )
 
-    per_row = loc.aggregate_traced_mb * MB / max(1, loc.rows)
-    g_per_row = g.aggregate_traced_mb * MB / max(1, g.rows)
-    print_arithmetic("memory at this run's size", sz, per_row, loc.peak_rss_mb)
+    per_row, kept = loc.kept.working_per_row, loc.kept
+    g_per_row = g.kept.working_per_row
+    print(
+        f"aggregation, numpy traced: last stage's working set {per_row:.0f} B/row, stage masks "
+        f"{kept.masks_per_row:.0f} B/row, earlier stages' results {kept.per_pair:.0f} B/pair"
+    )
+    print_arithmetic("memory at this run's size", sz, per_row, loc.peak_rss_mb, kept)
     full = Sizes(
         args.full_queries,
         args.full_views or args.views,
@@ -548,10 +609,10 @@ def main(argv: list[str] | None = None) -> None:
         args.full_scales,
         args.full_models,
     )
-    phase, peak = print_arithmetic("memory at full size", full, per_row)
+    phase, peak = print_arithmetic("memory at full size", full, per_row, kept=kept)
     doubled = replace(full, references=2 * full.references)
     before, after = (
-        {p: _by(memory_terms(x, per_row), p) for p in ("search", "aggregate")} for x in (full, doubled)
+        {p: _by(memory_terms(x, per_row, kept), p) for p in ("search", "aggregate")} for x in (full, doubled)
     )
     growth = "; ".join(
         f"{p} phase " + ", ".join(f"{g} {(after[p][g] - before[p][g]) / MB:+,.0f}" for g in GROWTH)
@@ -576,16 +637,23 @@ def main(argv: list[str] | None = None) -> None:
         sz.queries * sz.models * sz.references * sz.crops
     )
     agg_x = (full.view_rows + full.crop_rows) / max(1, loc.rows)
+    other_x = (full.references * (full.scales + full.crops - 1) * full.models) / (
+        sz.references * (sz.scales + sz.crops - 1) * sz.models
+    )
     t_local = view_s * view_x + (crop_s * crop_x if sz.crops > 1 else 0.0) + agg_s * agg_x
+    t_local += loc.other_s * other_x
     g_search_x = (full.queries * full.references) / (sz.queries * sz.references)
-    t_global = g.search_s * g_search_x + g.aggregate_s * full.queries / sz.queries
+    g_other_x = full.references / sz.references
+    t_global = g.search_s * g_search_x + g.aggregate_s * full.queries / sz.queries + g.other_s * g_other_x
     print(f"\ntime at full size, extrapolated linearly from this run (same machine, {args.backend}):")
     for what, seconds, x, unit in (
         ("view search", view_s, view_x, "query views x scales x models x references"),
         ("crop search", crop_s, crop_x, "queries x models x references x crops"),
         ("aggregation", agg_s, agg_x, "candidate rows"),
+        ("other", loc.other_s, other_x, "reference rows post-processed x models"),
         ("global search", g.search_s, g_search_x, "queries x references"),
         ("global aggregation", g.aggregate_s, full.queries / sz.queries, "queries"),
+        ("global other", g.other_s, g_other_x, "references"),
     ):
         print(f"  {what:18s} {seconds:8.2f} s x {x:12,.0f} = {_duration(seconds * x):>9s}  (ratio of {unit})")
     print(

@@ -647,7 +647,7 @@ def print_extrapolation(args: Ns, series: dict[str, list[PhaseResult]]) -> None:
         )
     d4 = args.dim * 4
     extra_q = 3 * (q_full - args.queries) * d4 / MB
-    full: dict[str, tuple[float, float]] = {}
+    full: dict[str, tuple[float, float, float]] = {}
     for name, rs in series.items():
         xs = [r.references for r in rs]
         if len(set(xs)) < 2:

@@ -239,6 +239,7 @@ BENCH_QUICK = {  # the same scripts on toy sizes: these tests check that they ru
     ],
     "bench_pretrain.py": ["--size", "32", "--batch", "2", "--steps", "1"],
     "bench_prepass.py": ["--images", "20", "--size", "64x48"],
+    "bench_extract.py": ["--images", "8", "--batch", "4", "--size", "64", "--rounds", "1"],
     "bench_scale.py": ["--quick"],
 }
 

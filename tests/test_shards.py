@@ -68,7 +68,11 @@ def reference(model: nn.Module, paths: list[Path]) -> np.ndarray:
     """The engine's numbers computed without it: the eval transform and a forward, batch by batch."""
     transform = eval_transform(SIZE)
     batches = [
-        model(torch.stack([transform(load_image(p)) for p in paths[i : i + BATCH]])).numpy()
+        model(
+            torch.stack([transform(load_image(p)) for p in paths[i : i + BATCH]]).contiguous(
+                memory_format=torch.channels_last  # the engine's layout on the CPU for a conv net
+            )
+        ).numpy()
         for i in range(0, len(paths), BATCH)
     ]
     return np.concatenate(batches).astype(np.float32)

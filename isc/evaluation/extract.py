@@ -11,21 +11,31 @@ up to a whole number of batches, so batch boundaries, hence the bytes, match an 
 shard is one file, ``cache_dir/<key>/<name>/shard-00000.h5``, written atomically as soon as it is done and
 read back by a rerun whose fingerprints match (:mod:`isc.evaluation.shards`). Shards are independent files
 indexed by position, so several processes can each write their share of one listing.
+
+On the CPU a convolutional model is fed ``channels_last`` batches (faster oneDNN kernels; the layout is
+part of the cache key), the forward's large freed buffers are kept for the next batch instead of being
+unmapped and faulted in again, and each DataLoader worker runs one torch and one OpenCV thread
+(docs/performance.md measures all three).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
+import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -210,6 +220,75 @@ def _views_key(views: ViewsOf | Sequence[list[View]]) -> str:
     return hashlib.sha256(repr([[dataclasses.astuple(v) for v in vs] for vs in views]).encode()).hexdigest()
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on: a container's or ``taskset``'s share, not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _init_worker(_: int) -> None:
+    """A DataLoader worker decodes and resizes one image at a time: one thread per library, or each of
+    the workers would start a pool as large as the machine next to the model's own threads."""
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+
+
+def _forward_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """The layout the batches are fed in: ``channels_last`` to a convolutional model on the CPU.
+
+    oneDNN's NHWC convolutions are faster there (EfficientNet-Lite0 at 224 px, batch 32, on 2 cores:
+    about 1.5x, docs/performance.md); a channels-last input alone selects them (measured: the same speed
+    and bytes as converting the weights too), so the caller's model is left as it is. The descriptors
+    differ from a contiguous forward by float32 rounding (below 1e-6).
+    """
+    if device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc <malloc.h>
+
+
+@functools.cache
+def _glibc() -> Any:
+    """The C library when it is glibc (whose ``mallopt`` settings :func:`_reuse_freed_memory` changes)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _reuse_freed_memory(device: torch.device) -> Iterator[None]:
+    """Keep the forward's freed activations in the heap for the next batch instead of unmapping them.
+
+    glibc serves blocks over 32 MB with a fresh ``mmap`` and gives them back on ``free``; a CPU forward
+    of a batch of 32 at 224 px allocates several of them (a 96-channel 112x112 map is 154 MB), so every
+    batch faulted its ~3 GB of activations in page by page again: on 2 cores, nearly as much system
+    time as user time (docs/performance.md). Inside this block large blocks come from the heap, which is not
+    trimmed; on the way out glibc's usual settings are restored (at the values its adaptive threshold
+    reaches after the first large free: 32 MB, trim at 64 MB) and the free heap is returned.
+    """
+    libc = _glibc() if device.type == "cpu" else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, 65536)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
+        libc.malloc_trim(0)
+
+
 @torch.no_grad()
 def _run(
     model: nn.Module,
@@ -223,34 +302,48 @@ def _run(
     bar: Any,
 ) -> ViewDescriptors:
     """The loop: every view of ``paths`` at every scale, checked row by row (a bad row names its image)."""
+    workers = min(num_workers, _usable_cpus())
     loader = DataLoader(
         ViewDataset(paths, scales, views),
         batch_size=images_per_batch,
-        num_workers=min(num_workers, os.cpu_count() or 1),
+        num_workers=workers,
         pin_memory=device.type == "cuda",
         collate_fn=_collate,
+        worker_init_fn=_init_worker if workers else None,
     )
+    layout = _forward_memory_format(model, device)
     per_scale: list[list[np.ndarray]] = [[] for _ in scales]
     all_views: list[list[View]] = []
     sizes: list[tuple[int, int]] = []
     owner: list[np.ndarray] = []
     model_seconds = np.zeros(len(scales))
     view_seconds = 0.0
-    for tensors, batch_views, batch_sizes, seconds, indices in loader:
-        rows = np.concatenate(
-            [np.full(len(v), i, dtype=np.int64) for v, i in zip(batch_views, indices, strict=True)]
+    with _reuse_freed_memory(device):
+        for tensors, batch_views, batch_sizes, seconds, indices in loader:
+            rows = np.concatenate(
+                [np.full(len(v), i, dtype=np.int64) for v, i in zip(batch_views, indices, strict=True)]
+            )
+            for s, x in enumerate(tensors):
+                started = time.perf_counter()
+                x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
+                out = model(x).float().cpu().numpy()
+                model_seconds[s] += time.perf_counter() - started
+                _refuse_bad_rows(out, rows, paths)
+                per_scale[s].append(out)
+            all_views += batch_views
+            sizes += batch_sizes
+            owner.append(rows)
+            view_seconds += seconds
+            bar.update(len(indices))
+    if not owner:  # no images: empty arrays, not a concatenation error
+        return ViewDescriptors(
+            np.asarray(ids, dtype=str),
+            [np.zeros((0, 0), np.float32) for _ in scales],
+            np.zeros(0, np.int64),
+            [],
+            np.zeros((0, 2), np.int64),
+            model_seconds,
         )
-        for s, x in enumerate(tensors):
-            started = time.perf_counter()
-            out = model(x.to(device, non_blocking=True)).float().cpu().numpy()
-            model_seconds[s] += time.perf_counter() - started
-            _refuse_bad_rows(out, rows, paths)
-            per_scale[s].append(out)
-        all_views += batch_views
-        sizes += batch_sizes
-        owner.append(rows)
-        view_seconds += seconds
-        bar.update(len(indices))
     return ViewDescriptors(
         np.asarray(ids),
         [np.concatenate(p).astype(np.float32, copy=False) for p in per_scale],
@@ -361,6 +454,7 @@ def _through_cache(
         "images_per_batch": per_batch,
         "shard_size": shard_size,
         "device": dev.type if dev.type != "cuda" else f"cuda:{torch.cuda.get_device_name(dev)}",
+        "memory_format": str(_forward_memory_format(model, dev)),
         "torch": torch.__version__,
     }
     directory = shard_directory(cache_dir, settings, name or default_name(files))

@@ -9,7 +9,7 @@ rerun reuses a shard only if its recorded fingerprints still match:
 
 - ``key`` hashes everything that changes the numbers for *every* image: the model
   (:func:`model_fingerprint`: class, structure and every weight byte), the scales and transform, the views
-  (query views, crops, the whole image), the images per batch and ``shard_size`` (batch boundaries: a
+  (query views, crops, the whole image), the input memory format, the images per batch and ``shard_size`` (batch boundaries: a
   network's output for an image may depend on the other images of its batch), the device kind and the
   torch version (kernels differ);
 - ``name`` keeps the listings of one run apart (default: the folder holding the images plus a short hash
