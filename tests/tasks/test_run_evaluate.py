@@ -17,7 +17,7 @@ import tasks
 from isc.formats.descriptor_files import read_descriptors, write_descriptors
 from isc.formats.pair_csv import read_predictions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def perfect_descriptors(benchmark: Path) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:

@@ -150,7 +150,7 @@ def test_default_config_writes_d2lv_quality_jpegs(sources, tmp_path) -> None:
     from omegaconf import OmegaConf
 
     quality = OmegaConf.load(
-        Path(__file__).resolve().parents[1] / "conf" / "generate" / "default.yaml"
+        Path(__file__).resolve().parents[2] / "conf" / "generate" / "default.yaml"
     ).jpeg_quality
     run(sources[:2], tmp_path / "q", jpeg_quality=quality)
     run(sources[:2], tmp_path / "low", jpeg_quality=75)

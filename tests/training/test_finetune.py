@@ -24,7 +24,7 @@ from PIL import Image
 import tasks
 from callbacks.retrieval import RetrievalEvaluation
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class PixelEmbedder(L.LightningModule):
@@ -387,7 +387,9 @@ def _start_cli(args: list[str], tmp_path: Path) -> subprocess.Popen:
         "ISC_CACHE_DIR": str(tmp_path / "cache"),
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",  # a shared 2-core machine: oversubscribed threads make runs 3x slower
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT / "tests" / "training"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+        ),
     }
     with open(tmp_path / f"{len(list(tmp_path.glob('*.log')))}.log", "w") as log:  # the child keeps its copy
         return subprocess.Popen(

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from isc.models.descriptor import load_descriptor_model, save_descriptor_model
 from tasks import TASKS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 P = 4.25  # exact in float32, and no config's default
 
 EXPERIMENTS = {

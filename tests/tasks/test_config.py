@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import tasks
 import tasks.training
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 
 

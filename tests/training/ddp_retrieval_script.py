@@ -1,6 +1,6 @@
 """Run by test_finetune.py in a subprocess: the retrieval callback under 2-process CPU DDP (gloo).
 
-Usage: python tests/ddp_retrieval_script.py BENCHMARK_ROOT OUT_JSON
+Usage: python tests/training/ddp_retrieval_script.py BENCHMARK_ROOT OUT_JSON
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import lightning.pytorch as L
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest's helpers
 
 from test_finetune import PixelEmbedder  # noqa: E402
 

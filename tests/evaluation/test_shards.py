@@ -1,6 +1,6 @@
 """The extraction engine's shard cache (isc/evaluation/extract.py, shards.py): reuse, invalidation, crashes, SIGKILL.
 
-Run as a script (``python tests/test_shards.py IMAGES CACHE``), this file is also the slow extraction that
+Run as a script (``python tests/evaluation/test_shards.py IMAGES CACHE``), this file is also the slow extraction that
 :func:`test_sigkilled_run_resumes` kills with ``kill -9``.
 """
 
@@ -28,7 +28,7 @@ from isc.evaluation.shards import listing_fingerprint, model_fingerprint
 N_IMAGES, BATCH, SHARD = 40, 4, 8  # 5 shards of 2 batches
 N_SHARDS = N_IMAGES // SHARD
 SIZE = 32
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class TinyNet(nn.Module):

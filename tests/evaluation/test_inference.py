@@ -25,7 +25,7 @@ from isc.models.descriptor import DescriptorModel, save_descriptor_model
 from isc.models.pooling import GeM
 from isc.models.trunks import efficientnet_lite0
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PHOTOS = [
     "astronaut",
     "coffee",

@@ -1,6 +1,6 @@
 """State that DDP must not change: the cross-batch memory and Momentum2-Teacher's momentum-BN statistics.
 
-Each test runs a real two-process CPU (gloo) Lightning DDP fit in a subprocess (``tests/ddp_correctness_job.py``),
+Each test runs a real two-process CPU (gloo) Lightning DDP fit in a subprocess (``tests/training/ddp_correctness_job.py``),
 so ``DistributedDataParallel``'s per-forward buffer broadcast (rank 0 over the others) is in play, then checks
 the saved per-rank state against the definition, recomputed in this process.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "training"))
 
 import ddp_correctness_job as job  # noqa: E402
 from conftest import ddp_env  # noqa: E402
@@ -30,7 +30,7 @@ def run_job(mode: str, out: Path) -> list[dict[str, Any]]:
     """Run the two-process job; return each rank's saved record."""
     env = ddp_env()
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_correctness_job.py"), mode, str(out)],
+        [sys.executable, str(ROOT / "tests" / "training" / "ddp_correctness_job.py"), mode, str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -165,7 +165,7 @@ def test_two_process_evaluation_equals_one_process_with_the_same_weights(
 
     env = ddp_env()
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_eval_job.py"), str(benchmark), str(tmp_path)],
+        [sys.executable, str(ROOT / "tests" / "training" / "ddp_eval_job.py"), str(benchmark), str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,6 +1,6 @@
-"""Two-process CPU (gloo) DDP jobs for tests/test_ddp_correctness.py: a real Lightning DDP run, state saved per rank.
+"""Two-process CPU (gloo) DDP jobs for tests/training/test_ddp_correctness.py: a real Lightning DDP run, state saved per rank.
 
-Run as ``python tests/ddp_correctness_job.py {xbm|m2t} OUT_DIR``; Lightning's ``strategy="ddp"`` re-launches this
+Run as ``python tests/training/ddp_correctness_job.py {xbm|m2t} OUT_DIR``; Lightning's ``strategy="ddp"`` re-launches this
 same command for rank 1 and wraps the module in ``DistributedDataParallel`` (``broadcast_buffers=True``), so
 DDP's per-forward buffer broadcast is really in play.
 
@@ -20,7 +20,7 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from isc.losses.byol import BYOLLoss  # noqa: E402

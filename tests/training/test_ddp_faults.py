@@ -17,7 +17,7 @@ from test_finetune import tiny
 
 from isc.data.images import ImageLoadError, load_image, screen_quick
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _corrupt_pixels(path: Path) -> None:

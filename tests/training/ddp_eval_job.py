@@ -4,7 +4,7 @@ Each rank trains a tiny conv + BN trunk on its own shard, so the ranks' BN runni
 the callback evaluates. Rank 0 saves its weights, the callback's metrics and the gathered descriptors, so
 the test can recompute them in one process from the same weights.
 
-Usage: python tests/ddp_eval_job.py BENCHMARK_ROOT OUT_DIR
+Usage: python tests/training/ddp_eval_job.py BENCHMARK_ROOT OUT_DIR
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from callbacks.retrieval import RetrievalEvaluation  # noqa: E402
 from isc.models.descriptor import DescriptorModel  # noqa: E402

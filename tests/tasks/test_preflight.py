@@ -22,7 +22,7 @@ from isc.evaluation import runner
 from isc.evaluation.runner import resolve_settings
 from isc.evaluation.settings import EvaluationSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

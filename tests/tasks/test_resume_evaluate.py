@@ -16,7 +16,7 @@ from conftest import random_image
 from isc.formats.pair_csv import write_ground_truth
 from isc.formats.pairs import GroundTruth
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _benchmark(root: Path, n_refs: int = 48, n_queries: int = 48, n_train: int = 16) -> Path:

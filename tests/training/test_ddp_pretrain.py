@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "training"))
 
 import ddp_pretrain_job as job  # noqa: E402
 from conftest import ddp_env  # noqa: E402
@@ -21,7 +21,7 @@ from conftest import ddp_env  # noqa: E402
 def test_barlow_twins_ddp_loss_and_gradients_equal_the_full_batch(tmp_path: Path) -> None:
     env = ddp_env()
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_pretrain_job.py"), str(tmp_path)],
+        [sys.executable, str(ROOT / "tests" / "training" / "ddp_pretrain_job.py"), str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,

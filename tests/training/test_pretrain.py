@@ -33,7 +33,7 @@ from isc.train.views import TwoViews, blur_kernel_size
 from lightning_modules.barlow_twins import BarlowTwins
 from lightning_modules.momentum2_teacher import Momentum2Teacher
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_trunk(channels: int = 8) -> Trunk:
@@ -572,7 +572,7 @@ def test_experiments_pin_the_reference_hyper_parameters(images: Path, tmp_path: 
 def test_pretraining_checkpoint_is_a_fine_tuning_starting_point(tmp_path: Path) -> None:
     """A real Lightning ``last.ckpt`` loads into a fresh trunk (student by default, teacher on request).
 
-    A tiny trunk keeps the file small; ``tests/test_backbones.py`` covers the same layout through ``resnet50``.
+    A tiny trunk keeps the file small; ``tests/models/test_backbones.py`` covers the same layout through ``resnet50``.
     """
     torch.manual_seed(0)
     model = Momentum2Teacher(

@@ -487,7 +487,7 @@ def test_loss_configs_use_sscd_lambda_and_a_lazy_xbm() -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    root = Path(__file__).resolve().parents[1] / "conf"
+    root = Path(__file__).resolve().parents[2] / "conf"
     found = {p.stem: p for p in root.rglob("*.yaml") if p.parent.name == "loss"}
     sscd = instantiate(OmegaConf.load(found["infonce_entropy"]))
     assert isinstance(sscd, InfoNCEEntropyLoss) and (sscd.entropy_weight, sscd.temperature) == (30.0, 0.05)
@@ -524,7 +524,7 @@ def test_every_configured_loss_declares_what_it_consumes() -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    root = Path(__file__).resolve().parents[1] / "conf" / "model" / "loss"
+    root = Path(__file__).resolve().parents[2] / "conf" / "model" / "loss"
     losses = {p.stem: instantiate(OmegaConf.load(p)) for p in sorted(root.glob("*.yaml"))}
     inputs = {name: loss.inputs for name, loss in losses.items()}
     assert inputs == {

@@ -1,6 +1,6 @@
-"""Two-process CPU (gloo) DDP job for tests/test_ddp_pretrain.py: one Barlow Twins step, losses and grads saved.
+"""Two-process CPU (gloo) DDP job for tests/training/test_ddp_pretrain.py: one Barlow Twins step, losses and grads saved.
 
-Run as ``python tests/ddp_pretrain_job.py OUT_DIR``; Lightning's ``strategy="ddp"`` re-launches this same
+Run as ``python tests/training/ddp_pretrain_job.py OUT_DIR``; Lightning's ``strategy="ddp"`` re-launches this same
 command for rank 1. Each rank writes ``OUT_DIR/rank{r}.pt`` with its loss, its (DDP-averaged) gradients and
 the sample indices it saw; rank 0 also writes the initial weights so the test can redo the step on the
 full batch in one process.
@@ -16,7 +16,7 @@ import lightning.pytorch as L
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from isc.losses.barlow_twins import BarlowTwinsLoss  # noqa: E402

@@ -152,7 +152,7 @@ def started(script: Path, src: Path, out: Path, delay: float, workers: int = 2, 
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(
             [sys.executable, str(script), str(src), str(out), str(delay), str(workers)],
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=Path(__file__).resolve().parents[2],
             stdout=stderr,
             stderr=stderr,
             start_new_session=True,
@@ -229,7 +229,7 @@ def test_sigkill_leaves_no_orphans_and_a_rerun_equals_an_uninterrupted_run(setup
     (last / ".03.jpg.99999.0badc0de.tmp").write_bytes(b"half a jpeg")
     done = subprocess.run(
         [sys.executable, str(script), str(src), str(out), "0", "2"],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         timeout=120,
     )

@@ -19,7 +19,7 @@ from PIL import Image
 import isc.augment as A
 from isc.augment import rng_for, synthetic_image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 RECIPES = sorted(p.stem for p in (CONF / "augmentation").glob("*.yaml"))
 QUERY_RECIPES = ("isc_query", "isc_query_local")  # benchmark query edits, not D2LV training recipes

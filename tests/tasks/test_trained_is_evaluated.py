@@ -20,7 +20,7 @@ from conftest import compose_cfg
 import run
 import tasks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def common(benchmark: Path) -> list[str]:
