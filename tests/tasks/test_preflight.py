@@ -56,7 +56,7 @@ def _jpeg(path: Path, trailer: bytes = b"") -> bytes:
 # ------------------------------------------------------------------------------------------- screen_quick
 
 
-def test_check_images_finds_each_kind_of_bad_file_and_names_it(tmp_path: Path) -> None:
+def test_the_prepass_finds_each_kind_of_bad_file_and_names_it(tmp_path: Path) -> None:
     good = _jpeg(tmp_path / "good.jpg")
     _jpeg(tmp_path / "trailer.jpg", trailer=b"\0" * 100 + b"camera maker notes")  # valid: decodes
     (tmp_path / "half.jpg").write_bytes(good[: len(good) // 2])
