@@ -265,5 +265,12 @@ def _slow_extraction(folder: str, cache: str) -> None:
     sharded(model, paths, Path(cache))
 
 
+def test_an_empty_listing_gives_empty_arrays(tmp_path: Path) -> None:
+    """A split with no images (an empty training/) extracts to zero rows, with or without a cache."""
+    for cache in (None, tmp_path / "cache"):
+        out = extract(tiny_net(), [], scales=[SIZE], num_workers=0, progress=False, cache_dir=cache)
+        assert out.vectors.shape[0] == 0 and len(out.ids) == 0 and out.owner.shape == (0,)
+
+
 if __name__ == "__main__":
     _slow_extraction(sys.argv[1], sys.argv[2])
