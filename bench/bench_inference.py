@@ -6,8 +6,8 @@ view scores (``isc.evaluation.aggregate``). This script runs the test stage itse
 ``isc.evaluation.inference.run_test_stage`` (``_search_model``, ``_stages``, ``_score``), with only the
 extraction replaced: :class:`SyntheticExtraction` returns seeded random unit float32 descriptors of the
 shapes ``extract`` would (exact search cost does not depend on the data), and its time is not counted.
-There is no training set, so post-processing is L2 normalisation. Each stage runs in its own freshly
-spawned process so that its peak RSS is its own:
+There is no training set, so post-processing is L2 normalisation. Each stage runs in a process of its own
+(forked from a server that did the imports, ``bench/fresh_process.py``) so that its peak RSS is its own:
 
 - ``global``: one view per query, one scale, one model, every reference in one block (the global stage's
   path: ``knn`` -> candidate rows -> ``aggregate_pairs(top=1)`` -> 500,000 pairs), the baseline;
@@ -38,9 +38,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,8 @@ import numpy as np
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fresh_process import in_fresh_process  # noqa: E402
 
 from isc.evaluation import inference  # noqa: E402
 from isc.evaluation.extract import ViewDescriptors, whole_image  # noqa: E402
@@ -388,9 +388,8 @@ def run_stage(stage: str, args: Ns) -> StageResult:
 
 
 def _in_fresh_process(stage: str, args: Ns) -> StageResult:
-    """Run one stage in a newly spawned interpreter: its peak RSS owes nothing to the other stage."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(run_stage, stage, args).result()
+    """Run one stage in a new process: its peak RSS owes nothing to the other stage."""
+    return in_fresh_process(run_stage, stage, args)
 
 
 # ------------------------------------------------------------------------------------------------------

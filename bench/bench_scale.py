@@ -7,7 +7,8 @@ official metrics, and a second "raw" search for the metrics without post-process
 ``descriptors.h5`` and ``predictions.csv``. This script runs exactly those library calls on synthetic
 clustered unit float32 descriptors (random centres with per-cluster spreads, so some regions are dense
 "hubs"; a fraction of the queries are noisy copies of references, so the metrics are non-trivial), each
-phase in its own freshly spawned process so that its peak RSS (``ru_maxrss``) is its own:
+phase in a process of its own (forked from a server that did the imports, ``bench/fresh_process.py``) so
+that its peak RSS (``ru_maxrss``) is its own:
 
 - ``baseline``: the minimal cost of the same answer, raw float32 arrays read from disk, one bare
   ``faiss.IndexFlatIP`` (``add`` + ``search`` for the top k);
@@ -44,15 +45,15 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import fresh_process  # noqa: E402
 
 MB = 1e6
 CHUNK = 65536  # rows generated at a time
@@ -311,7 +312,7 @@ class PhaseResult:
     queries: int
     inputs_mb: float  # descriptor bytes the phase reads (N x d x 4 of every split)
     base_mb: float  # RSS after imports and a warm-up search
-    inherited_mb: float = 0.0  # ru_maxrss at the process's start (Linux carries the parent's over exec)
+    inherited_mb: float = 0.0  # ru_maxrss at the process's start (the parent's RSS at fork)
     steps: list[Step] = field(default_factory=list)
     info: dict[str, float] = field(default_factory=dict)
     note: str = ""
@@ -350,8 +351,8 @@ class Timer:
 
 def _warm_up(result: PhaseResult, dim: int, product: bool) -> None:
     """A small search, so that the thread pool and BLAS buffers are not counted; the RSS after it is the
-    phase's base. ``ru_maxrss`` of a spawned process starts at its parent's RSS at fork time (Linux keeps
-    the old address space's high-water mark across exec): the parent stays small, and this checks it."""
+    phase's base. ``ru_maxrss`` of a forked process starts at its parent's RSS at fork time: the parent
+    (the forkserver, which only imported) stays small, and this checks it."""
     result.inherited_mb = _peak_mb()
     rng = np.random.default_rng(1)
     q, r = (_normalise(rng.standard_normal((n, dim), dtype=np.float32)) for n in (4096, 2048))
@@ -569,10 +570,22 @@ def run_block(args: Ns, files: Files) -> PhaseResult:
     return result
 
 
+PRELOAD = (  # what the phases import, imported once by the server they fork from
+    "faiss",
+    "isc.evaluation.aggregate",
+    "isc.evaluation.matching",
+    "isc.evaluation.postprocess",
+    "isc.evaluation.search",
+    "isc.evaluation.settings",
+    "isc.formats.descriptor_files",
+    "isc.formats.pair_csv",
+    "isc.formats.pairs",
+)
+
+
 def in_fresh_process(fn, *args):  # noqa: ANN001, ANN002, ANN201
-    """Run one phase in a newly spawned interpreter: its peak RSS owes nothing to the other phases."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+    """Run one phase in a new process: its peak RSS owes nothing to the other phases."""
+    return fresh_process.in_fresh_process(fn, *args, preload=PRELOAD)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -801,7 +814,7 @@ def main(argv: list[str] | None = None) -> None:
         f"references {', '.join(f'{n:,}' for n in args.references)} x {args.queries:,} queries x {args.dim} d "
         f"(training {args.training:,}, {args.clusters:,} clusters, {args.copies:.0%} of queries are copies), "
         f"k={args.k}; test-stage block: {args.lv_queries:,} queries x {args.views} views vs {args.block:,} "
-        f"references x {args.crops} views; each phase in a fresh process"
+        f"references x {args.crops} views; each phase in a process of its own"
     )
     started = time.perf_counter()
     try:
@@ -841,7 +854,7 @@ def main(argv: list[str] | None = None) -> None:
         "below every base: no peak is inherited" if inherited < 0 else "WARNING: a peak may be inherited"
     )
     print(
-        f"(peak RSS inherited from this process at spawn, largest over a phase's base: {inherited:+,.0f} MB, {verdict})"
+        f"(peak RSS inherited from the forkserver at fork, largest over a phase's base: {inherited:+,.0f} MB, {verdict})"
     )
     print_table(results, baselines)
     print_peaks_by_step(results)

@@ -111,6 +111,27 @@ def ddp_env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def ddp_jobs(benchmark: Path, tmp_path_factory) -> Path:
+    """The folder of every job of ``tests/training/ddp_jobs.py``, run once for the session in one
+    two-process launch (start-up and rendezvous cost seconds a launch); job ``name`` is in ``name/``."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("ddp_jobs")
+    script = Path(__file__).parent / "training" / "ddp_jobs.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(benchmark), str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=ddp_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
 def evaluate_checkpoint(
     training_overrides: Sequence[str], checkpoint: Path, out_dir: Path
 ) -> dict[str, object]:

@@ -1,8 +1,8 @@
 """Two-process CPU (gloo) DDP jobs for tests/training/test_ddp_correctness.py: a real Lightning DDP run, state saved per rank.
 
-Run as ``python tests/training/ddp_correctness_job.py {xbm|m2t} OUT_DIR``; Lightning's ``strategy="ddp"`` re-launches this
-same command for rank 1 and wraps the module in ``DistributedDataParallel`` (``broadcast_buffers=True``), so
-DDP's per-forward buffer broadcast is really in play.
+Run through ``tests/training/ddp_jobs.py``; Lightning's ``strategy="ddp"`` re-launches that command for rank 1
+and wraps the module in ``DistributedDataParallel`` (``broadcast_buffers=True``), so DDP's per-forward buffer
+broadcast is really in play.
 
 - ``xbm``: a linear embedder trained with :class:`isc.losses.xbm.CrossBatchMemory` for ``STEPS`` steps;
   each rank writes its memory, the indices it saw per step and the (constant, lr 0) embedder weights.
@@ -176,16 +176,7 @@ class M2TCapture(L.Callback):
 # --- entry point ---------------------------------------------------------------------------------------------
 
 
-def main(mode: str, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if mode == "xbm":
-        module: L.LightningModule = XBMModule()
-        data: torch.utils.data.Dataset = XBMData()
-        capture: L.Callback = XBMCapture(out)
-    elif mode == "m2t":
-        module, data, capture = build_m2t(), Pairs(), M2TCapture(out)
-    else:
-        raise SystemExit(f"unknown mode {mode!r}: xbm | m2t")
+def _fit(module: L.LightningModule, data: torch.utils.data.Dataset, capture: L.Callback) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -202,5 +193,9 @@ def main(mode: str, out: Path) -> None:
     trainer.fit(module, loader)
 
 
-if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+def fit_xbm(out: Path, benchmark: Path) -> None:
+    _fit(XBMModule(), XBMData(), XBMCapture(out))
+
+
+def fit_m2t(out: Path, benchmark: Path) -> None:
+    _fit(build_m2t(), Pairs(), M2TCapture(out))

@@ -4,13 +4,14 @@ Each rank trains a tiny conv + BN trunk on its own shard, so the ranks' BN runni
 the callback evaluates. Rank 0 saves its weights, the callback's metrics and the gathered descriptors, so
 the test can recompute them in one process from the same weights.
 
-Usage: python tests/training/ddp_eval_job.py BENCHMARK_ROOT OUT_DIR
+Run through ``tests/training/ddp_jobs.py``.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
 import numpy as np
@@ -24,7 +25,6 @@ from isc.models.descriptor import DescriptorModel  # noqa: E402
 from isc.models.pooling import GeM  # noqa: E402
 from isc.models.trunks import Trunk  # noqa: E402
 
-OUT = Path(".")
 EVALUATION = {"image_size": 32, "num_workers": 0, "score_normalization": {"k": 2}}
 
 
@@ -63,10 +63,14 @@ class Recording(RetrievalEvaluation):
 
     gathered: np.ndarray | None = None
 
+    def __init__(self, root: str, out: Path, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.out = out
+
     def on_train_epoch_end(self, trainer, pl_module):
         # each rank's own statistics, before the callback puts rank 0's everywhere
         running_mean = pl_module.trunk.body[1].running_mean.clone()
-        torch.save({"running_mean": running_mean}, OUT / f"bn_rank{trainer.global_rank}.pt")
+        torch.save({"running_mean": running_mean}, self.out / f"bn_rank{trainer.global_rank}.pt")
         super().on_train_epoch_end(trainer, pl_module)
 
     def _score(self, descriptors, trainer, log_dir):
@@ -74,9 +78,10 @@ class Recording(RetrievalEvaluation):
         return super()._score(descriptors, trainer, log_dir)
 
 
-if __name__ == "__main__":
-    root, OUT = sys.argv[1], Path(sys.argv[2])
-    callback = Recording(root, evaluation=EVALUATION, evaluate_before_training=False, gallery_queries=0)
+def fit(out: Path, benchmark: Path) -> None:
+    callback = Recording(
+        str(benchmark), out, evaluation=EVALUATION, evaluate_before_training=False, gallery_queries=0
+    )
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="cpu",
@@ -96,5 +101,5 @@ if __name__ == "__main__":
                 "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
                 "descriptors": torch.from_numpy(callback.gathered),
             },
-            OUT / "result.pt",
+            out / "result.pt",
         )

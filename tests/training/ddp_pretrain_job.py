@@ -1,7 +1,7 @@
 """Two-process CPU (gloo) DDP job for tests/training/test_ddp_pretrain.py: one Barlow Twins step, losses and grads saved.
 
-Run as ``python tests/training/ddp_pretrain_job.py OUT_DIR``; Lightning's ``strategy="ddp"`` re-launches this same
-command for rank 1. Each rank writes ``OUT_DIR/rank{r}.pt`` with its loss, its (DDP-averaged) gradients and
+Run through ``tests/training/ddp_jobs.py``; Lightning's ``strategy="ddp"`` re-launches that command for rank 1.
+Each rank writes ``OUT_DIR/rank{r}.pt`` with its loss, its (DDP-averaged) gradients and
 the sample indices it saw; rank 0 also writes the initial weights so the test can redo the step on the
 full batch in one process.
 """
@@ -85,8 +85,7 @@ class Capture(L.Callback):
         torch.save(self.record, self.out / f"rank{trainer.global_rank}.pt")
 
 
-def main(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def fit(out: Path, benchmark: Path) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -99,7 +98,3 @@ def main(out: Path) -> None:
         callbacks=[Capture(out)],
     )
     trainer.fit(build_model(), torch.utils.data.DataLoader(Pairs(), batch_size=BATCH, shuffle=False))
-
-
-if __name__ == "__main__":
-    main(Path(sys.argv[1]))

@@ -1,13 +1,12 @@
 """State that DDP must not change: the cross-batch memory and Momentum2-Teacher's momentum-BN statistics.
 
-Each test runs a real two-process CPU (gloo) Lightning DDP fit in a subprocess (``tests/training/ddp_correctness_job.py``),
-so ``DistributedDataParallel``'s per-forward buffer broadcast (rank 0 over the others) is in play, then checks
-the saved per-rank state against the definition, recomputed in this process.
+Each test reads a real two-process CPU (gloo) Lightning DDP fit (``tests/training/ddp_correctness_job.py``, one
+launch runs every test's fit), so ``DistributedDataParallel``'s per-forward buffer broadcast (rank 0 over the
+others) is in play, then checks the saved per-rank state against the definition, recomputed in this process.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,33 +19,22 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))
 
 import ddp_correctness_job as job  # noqa: E402
-from conftest import ddp_env  # noqa: E402
 
 from isc.losses.xbm import CrossBatchMemory  # noqa: E402
 from isc.models.momentum import commit_statistics, set_statistics_momentum, statistics_momentum  # noqa: E402
 
 
-def run_job(mode: str, out: Path) -> list[dict[str, Any]]:
-    """Run the two-process job; return each rank's saved record."""
-    env = ddp_env()
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "training" / "ddp_correctness_job.py"), mode, str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+def ranks_of(ddp_jobs: Path, name: str) -> list[dict[str, Any]]:
+    """Each rank's saved record of job ``name``."""
+    ranks = [torch.load(ddp_jobs / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
     return ranks
 
 
 @pytest.mark.ddp
-@pytest.mark.timeout(120)
-def test_xbm_memory_holds_the_global_batches_identically_on_every_rank(tmp_path: Path) -> None:
-    ranks = run_job("xbm", tmp_path)
+@pytest.mark.timeout(300)
+def test_xbm_memory_holds_the_global_batches_identically_on_every_rank(ddp_jobs: Path) -> None:
+    ranks = ranks_of(ddp_jobs, "xbm")
     # what DDP fed each step: rank 0's shard then rank 1's (the all-gather order)
     order = [i for step in range(job.STEPS) for r in ranks for i in r["indices"][step]]
     assert sorted(order) == list(range(job.N_SAMPLES))  # both ranks' batches of both steps
@@ -65,9 +53,9 @@ def test_xbm_memory_holds_the_global_batches_identically_on_every_rank(tmp_path:
 
 
 @pytest.mark.ddp
-@pytest.mark.timeout(120)
-def test_m2t_teacher_statistics_are_per_rank_as_the_official_code(tmp_path: Path) -> None:
-    ranks = run_job("m2t", tmp_path)
+@pytest.mark.timeout(300)
+def test_m2t_teacher_statistics_are_per_rank_as_the_official_code(ddp_jobs: Path) -> None:
+    ranks = ranks_of(ddp_jobs, "m2t")
     v1, v2 = job.m2t_views()
     total = ranks[0]["total_steps"]
     assert total == job.STEPS
@@ -150,9 +138,9 @@ def test_wants_sync_batchnorm_single_visible_gpu_and_trainer_configs(monkeypatch
 
 
 @pytest.mark.ddp
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_two_process_evaluation_equals_one_process_with_the_same_weights(
-    benchmark: Path, tmp_path: Path
+    benchmark: Path, ddp_jobs: Path
 ) -> None:
     """Ranks whose BN statistics drifted apart still embed with one set of statistics: rank 0's."""
     import ddp_eval_job
@@ -163,19 +151,10 @@ def test_two_process_evaluation_equals_one_process_with_the_same_weights(
     from isc.evaluation.matching import match_descriptors
     from isc.evaluation.settings import EvaluationSettings
 
-    env = ddp_env()
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "training" / "ddp_eval_job.py"), str(benchmark), str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"bn_rank{r}.pt", weights_only=True)["running_mean"] for r in (0, 1)]
+    out = ddp_jobs / "eval"
+    ranks = [torch.load(out / f"bn_rank{r}.pt", weights_only=True)["running_mean"] for r in (0, 1)]
     assert not torch.allclose(ranks[0], ranks[1])  # the situation the callback must handle
-    saved = torch.load(tmp_path / "result.pt", weights_only=True)
+    saved = torch.load(out / "result.pt", weights_only=True)
 
     module = ddp_eval_job.TinyBN()
     module.load_state_dict(saved["state_dict"])

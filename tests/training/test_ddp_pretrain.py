@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,29 +12,19 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))
 
 import ddp_pretrain_job as job  # noqa: E402
-from conftest import ddp_env  # noqa: E402
 
 
 @pytest.mark.ddp
 @pytest.mark.timeout(300)
-def test_barlow_twins_ddp_loss_and_gradients_equal_the_full_batch(tmp_path: Path) -> None:
-    env = ddp_env()
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "training" / "ddp_pretrain_job.py"), str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+def test_barlow_twins_ddp_loss_and_gradients_equal_the_full_batch(ddp_jobs: Path) -> None:
+    out = ddp_jobs / "barlow"
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
     seen = sorted(ranks[0]["indices"] + ranks[1]["indices"])
     assert seen == list(range(job.N_SAMPLES))  # the two shards make up the full batch
 
     model = job.build_model()
-    model.load_state_dict(torch.load(tmp_path / "init.pt", weights_only=True))
+    model.load_state_dict(torch.load(out / "init.pt", weights_only=True))
     v1, v2 = job.views()
     loss = model.loss(model.embed(v1), model.embed(v2))
     loss.backward()

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_cfg, evaluate_checkpoint
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import OmegaConf
 from PIL import Image
 
 import tasks
@@ -208,27 +207,12 @@ def test_ddp_two_cpu_processes_log_the_uap_of_the_saved_model(benchmark: Path, t
     assert metrics["val/uAP"] == pytest.approx(evaluated["uAP"], abs=1e-6)
 
 
-@pytest.mark.timeout(600)
-def test_multirun_gives_each_job_its_own_dir(benchmark: Path, tmp_path: Path) -> None:
-    """The README sweep over the nested loss group: D2LV runs on the default experiment (no head) too."""
-    sweep = ["model/loss=d2lv,infonce_entropy", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    result = run_cli(["-m", *tiny(benchmark), *sweep], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/metrics.json"))
-    assert [j.name for j in jobs] == ["0", "1"]
-    losses = {OmegaConf.load(j / "config_resolved.yaml").model.loss._target_.rsplit(".", 1)[1] for j in jobs}
-    assert losses == {"D2LVLoss", "InfoNCEEntropyLoss"}
-
-
+@pytest.mark.ddp
 @pytest.mark.timeout(300)
-def test_callback_under_ddp_gathers_every_shard_in_order(benchmark: Path, tmp_path: Path) -> None:
-    """Each of 2 ranks embeds half the images; rank 0 must reassemble them exactly to score uAP 1.0."""
-    out = tmp_path / "metrics.json"
-    script = Path(__file__).with_name("ddp_retrieval_script.py")
-    result = subprocess.run(
-        [sys.executable, str(script), str(benchmark), str(out)], capture_output=True, text=True, timeout=280
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_callback_under_ddp_gathers_every_shard_in_order(ddp_jobs: Path) -> None:
+    """Each of 2 ranks embeds half the images; rank 0 must reassemble them exactly to score uAP 1.0
+    (``tests/training/ddp_retrieval_job.py``)."""
+    out = ddp_jobs / "retrieval" / "metrics.json"
     metrics = json.loads(out.read_text())
     assert metrics["val/uAP"] == pytest.approx(1.0)
     assert metrics["val/recall_at_rank1"] == pytest.approx(1.0)

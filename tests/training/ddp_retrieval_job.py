@@ -1,7 +1,5 @@
-"""Run by test_finetune.py in a subprocess: the retrieval callback under 2-process CPU DDP (gloo).
-
-Usage: python tests/training/ddp_retrieval_script.py BENCHMARK_ROOT OUT_JSON
-"""
+"""Run through ``tests/training/ddp_jobs.py`` for test_finetune.py: the retrieval callback under 2-process CPU
+DDP (gloo); rank 0 writes the callback's metrics to ``OUT/metrics.json``."""
 
 from __future__ import annotations
 
@@ -19,10 +17,10 @@ from test_finetune import PixelEmbedder  # noqa: E402
 
 from callbacks.retrieval import RetrievalEvaluation  # noqa: E402
 
-if __name__ == "__main__":
-    root, out = sys.argv[1], Path(sys.argv[2])
+
+def fit(out: Path, benchmark: Path) -> None:
     evaluation = {"image_size": 32, "num_workers": 0, "score_normalization": {"enabled": False}}
-    callback = RetrievalEvaluation(root, evaluation=evaluation, gallery_queries=0)
+    callback = RetrievalEvaluation(str(benchmark), evaluation=evaluation, gallery_queries=0)
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="cpu",
@@ -35,4 +33,6 @@ if __name__ == "__main__":
     )
     trainer.fit(PixelEmbedder())
     if trainer.is_global_zero:
-        out.write_text(json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()}))
+        (out / "metrics.json").write_text(
+            json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()})
+        )
