@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from isc.data.benchmark import default_cache_dir, ensure_embedded_benchmark
+from isc.evaluation.distributed import Ranks
 from isc.evaluation.settings import EvaluationSettings
 from isc.formats.files import atomic_write
 from isc.models.descriptor import DescriptorModel, load_descriptor_model
@@ -57,6 +58,28 @@ def descriptor_cache(cfg: DictConfig, settings: EvaluationSettings) -> Path | No
         root = Path(cfg.paths.cache_dir).expanduser() if cfg.paths.cache_dir else default_cache_dir()
         return root / "descriptors"
     return Path(str(settings.cache_dir)).expanduser().absolute()
+
+
+def extraction_group(cfg: DictConfig) -> Ranks:
+    """The processes that share the extraction: ``trainer.devices`` x ``trainer.num_nodes`` of them,
+    started by Lightning Fabric (which also joins a group that torchrun or SLURM started); one process
+    unless the trainer config asks for more. Call it after the data and models are ready: the other
+    processes rerun the command, and find them built."""
+    t = cfg.trainer
+    if str(t.devices) == "1" and int(t.num_nodes) == 1:
+        return Ranks()
+    if t.strategy not in ("auto", "ddp"):
+        raise ValueError(
+            f"trainer.strategy={t.strategy}: task={cfg.task} starts its processes as trainer=ddp does "
+            "(strategy ddp, one process per device, the command rerun for each)"
+        )
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy="ddp")
+    if fabric.world_size == 1:
+        return Ranks()
+    fabric.launch()
+    return Ranks(fabric.global_rank, fabric.world_size)
 
 
 def recipe_name(group: str) -> str:

@@ -21,6 +21,7 @@ from tasks.common import (
     descriptor_cache,
     descriptor_model,
     evaluation_settings,
+    extraction_group,
     fmt,
     recipe_name,
 )
@@ -55,11 +56,14 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
     """Extract descriptors on a DISC21-layout folder, match them, and score them against its ground truth.
 
     With ``predict=True`` (``task=predict``) the ground truth is never read. Any of ``evaluation.scales``,
-    ``local_verification`` or ``ensemble`` switches to D2LV's full test stage.
+    ``local_verification`` or ``ensemble`` switches to D2LV's full test stage. With ``trainer=ddp
+    trainer.devices=N`` (and ``trainer.num_nodes``) N processes share the extraction; rank 0 matches,
+    writes and prints, the others end when their share is done.
     """
     settings = evaluation_settings(cfg)
     root = dataset_root(cfg)
     models = evaluation_models(cfg)
+    ranks = extraction_group(cfg)
     run = evaluate_layout(
         Disc21Layout(root),
         models,
@@ -69,7 +73,13 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
         skip_bad=cfg.dataset.skip_bad_images,
         cache_dir=descriptor_cache(cfg, settings),
         subtitle=f"{root} · model {model_name(cfg)}",
+        ranks=ranks,
     )
+    if run is None:
+        log.info(
+            "rank %d of %d: its share of the extraction is done; rank 0 goes on", ranks.rank, ranks.world
+        )
+        return {}
     if run.ground_truth is not None and "report" in run.metrics and "wandb" in (cfg.get("logger") or {}):
         log_report_to_wandb(cfg, run)
     _print_headline(run)

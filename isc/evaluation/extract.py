@@ -10,7 +10,8 @@ Shards: with a ``cache_dir``, the images are cut into consecutive shards of ``sh
 up to a whole number of batches, so batch boundaries, hence the bytes, match an uninterrupted run). Each
 shard is one file, ``cache_dir/<key>/<name>/shard-00000.h5``, written atomically as soon as it is done and
 read back by a rerun whose fingerprints match (:mod:`isc.evaluation.shards`). Shards are independent files
-indexed by position, so several processes can each write their share of one listing.
+indexed by position, so several processes each compute their share of one listing
+(:func:`extract_share`: shards ``rank``, ``rank + world``, ...) and one of them then reads it whole.
 
 On the CPU a convolutional model is fed ``channels_last`` batches (faster oneDNN kernels; the layout is
 part of the cache key), the forward's large freed buffers are kept for the next batch instead of being
@@ -59,11 +60,13 @@ from isc.evaluation.shards import (
 from isc.evaluation.views import View, apply_view
 
 __all__ = [
+    "Listing",
     "ViewDataset",
     "ViewDescriptors",
     "ViewsOf",
     "eval_transform",
     "extract",
+    "extract_share",
     "resolve_device",
     "whole_image",
 ]
@@ -368,6 +371,28 @@ def _refuse_bad_rows(out: np.ndarray, rows: np.ndarray, paths: Sequence[Path]) -
         )
 
 
+@dataclass(frozen=True)
+class Listing:
+    """One call of the engine as data, so that a task can say what it will extract before it does: the
+    processes of a group each take their share of it (:func:`extract_share`), then one reads it whole."""
+
+    paths: Sequence[Path]
+    scales: Sequence[int]
+    views: ViewsOf | Sequence[list[View]] = whole_image
+    views_per_image: int = 1
+    name: str | None = None
+    desc: str = "descriptors"
+
+    def arguments(self) -> dict[str, Any]:
+        return {
+            "scales": self.scales,
+            "views": self.views,
+            "views_per_image": self.views_per_image,
+            "name": self.name,
+            "desc": self.desc,
+        }
+
+
 def extract(
     model: nn.Module,
     paths: Sequence[str | os.PathLike[str]],
@@ -393,6 +418,87 @@ def extract(
     settings and its images' paths, sizes and mtimes is read back instead of computed. ``name`` names
     the listing's folder under the key (default: the images' folder plus a short hash of its path).
     """
+    result = _extract(
+        model,
+        paths,
+        scales,
+        ids,
+        views,
+        views_per_image,
+        batch_size,
+        num_workers,
+        device,
+        cache_dir,
+        shard_size,
+        name,
+        progress,
+        desc,
+        None,
+    )
+    assert result is not None
+    return result
+
+
+def extract_share(
+    model: nn.Module,
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    rank: int,
+    world: int,
+    cache_dir: str | os.PathLike[str],
+    scales: Sequence[int],
+    ids: Sequence[str] | None = None,
+    views: ViewsOf | Sequence[list[View]] = whole_image,
+    views_per_image: int = 1,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    device: str | torch.device | None = "auto",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    name: str | None = None,
+    progress: bool = True,
+    desc: str = "descriptors",
+) -> None:
+    """Process ``rank`` of ``world``'s share of :func:`extract` with the same arguments: shards ``rank``,
+    ``rank + world``, ... computed into ``cache_dir`` (those already there and valid are kept). Once
+    every process is done, :func:`extract` reads the whole listing back without computing anything."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not one of the {world} processes")
+    _extract(
+        model,
+        paths,
+        scales,
+        ids,
+        views,
+        views_per_image,
+        batch_size,
+        num_workers,
+        device,
+        cache_dir,
+        shard_size,
+        name,
+        progress,
+        desc,
+        (rank, world),
+    )
+
+
+def _extract(
+    model: nn.Module,
+    paths: Sequence[str | os.PathLike[str]],
+    scales: Sequence[int],
+    ids: Sequence[str] | None,
+    views: ViewsOf | Sequence[list[View]],
+    views_per_image: int,
+    batch_size: int,
+    num_workers: int,
+    device: str | torch.device | None,
+    cache_dir: str | os.PathLike[str] | None,
+    shard_size: int,
+    name: str | None,
+    progress: bool,
+    desc: str,
+    share: tuple[int, int] | None,
+) -> ViewDescriptors | None:
     files = [Path(p) for p in paths]
     names = [p.stem for p in files] if ids is None else [str(i) for i in ids]
     if len(names) != len(files):
@@ -410,6 +516,8 @@ def extract(
     bar = tqdm(total=len(files), desc=desc, unit="img", disable=not progress, leave=False)
     try:
         if cache_dir is None or not files:
+            if share is not None:
+                return None  # no cache to share through (a share of nothing is done)
             return _run(model, files, names, scales, views, per_batch, num_workers, dev, bar)
         return _through_cache(
             model,
@@ -424,6 +532,7 @@ def extract(
             Path(cache_dir),
             shard_size,
             name,
+            share,
         )
     finally:
         bar.close()
@@ -442,7 +551,10 @@ def _through_cache(
     cache_dir: Path,
     shard_size: int,
     name: str | None,
-) -> ViewDescriptors:
+    share: tuple[int, int] | None = None,
+) -> ViewDescriptors | None:
+    """The shards of the listing: each read back if valid, else computed and written. With ``share``
+    (rank, world), only this rank's shards, and nothing is returned."""
     shard_size = -(-shard_size // per_batch) * per_batch
     precomputed = not callable(views)
     settings: dict[str, Any] = {
@@ -465,8 +577,11 @@ def _through_cache(
     parts: list[ViewDescriptors] = []
     one_row_per_image = views is whole_image
     out: list[np.ndarray] | None = None
-    reused = reused_images = 0
-    for s in range(n_shards):
+    reused = reused_images = computed = 0
+    mine = range(n_shards) if share is None else range(share[0], n_shards, share[1])
+    if share is not None:
+        bar.reset(total=sum(min(shard_size, len(files) - s * shard_size) for s in mine))
+    for s in mine:
         start, stop = s * shard_size, min((s + 1) * shard_size, len(files))
         shard_views = views[start:stop] if precomputed else views  # type: ignore[index]
         attrs = {
@@ -499,6 +614,10 @@ def _through_cache(
                 bar,
             )
             write_shard(path, attrs, part.to_arrays())
+            computed += 1
+        if share is not None:  # the share is on disk: the reader assembles the listing
+            bar.set_postfix(reused=f"{reused}/{reused + computed} shards")
+            continue
         if one_row_per_image:  # fill the result in place: no second copy of a million descriptors
             if out is None:
                 out = [np.empty((len(files), x.shape[1]), np.float32) for x in part.per_scale]
@@ -509,6 +628,18 @@ def _through_cache(
             part.per_scale = []
         parts.append(part)
         bar.set_postfix(reused=f"{reused}/{s + 1} shards")
+    if share is not None:
+        log.info(
+            "%s: rank %d of %d computed %d and kept %d of its %d shards in %s",
+            name or "images",
+            share[0],
+            share[1],
+            computed,
+            reused,
+            len(mine),
+            directory,
+        )
+        return None
     log.info(
         "%s: reused %d of %d shards (%d images) from %s",
         name or "images",

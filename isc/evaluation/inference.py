@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from isc.evaluation.aggregate import (
     merge_topk,
     view_penalty,
 )
-from isc.evaluation.extract import ViewDescriptors, ViewsOf, extract, whole_image
+from isc.evaluation.extract import Listing, ViewDescriptors, ViewsOf, extract, extract_share, whole_image
 from isc.evaluation.matching import fit_postprocessing
 from isc.evaluation.metrics import evaluate
 from isc.evaluation.postprocess import l2_normalize
@@ -48,7 +48,7 @@ from isc.evaluation.settings import Ensemble, EvaluationSettings
 from isc.evaluation.views import View, query_views, reference_views
 from isc.formats.pairs import GroundTruth, Predictions
 
-__all__ = ["ConcatModel", "TestStageRows", "run_test_stage"]
+__all__ = ["ConcatModel", "TestStageRows", "run_test_stage", "share_test_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,7 @@ def run_test_stage(
         names = [f"{scales[0]} px", "mean of " + "/".join(map(str, scales)) + " px"]
     else:
         names = [f"{x} px" for x in scales]
-    config = s.local_verification.query if s.local_verification.enabled else None
-    views: ViewsOf | Sequence[list[View]] = (
-        functools.partial(query_views, config=config) if config is not None else whole_image
-    )
+    views: ViewsOf | Sequence[list[View]] = _query_views(s)
     parts: list[Candidates] = []
     forward_seconds = np.zeros((len(models), len(names)))
     view_seconds = 0.0
@@ -189,6 +186,99 @@ def run_test_stage(
         evidence=searched.evidence(scored[-1]) if ground_truth is not None else None,
         rows=searched,
     )
+
+
+def _query_views(s: EvaluationSettings) -> ViewsOf:
+    config = s.local_verification.query if s.local_verification.enabled else None
+    return functools.partial(query_views, config=config) if config is not None else whole_image
+
+
+def share_test_stage(
+    models: Sequence[nn.Module],
+    paths: Mapping[str, Sequence[Path]],
+    settings: EvaluationSettings,
+    cache_dir: Path,
+    rank: int,
+    world: int,
+    sync: Callable[[], None],
+) -> None:
+    """Process ``rank`` of ``world``'s share of every extraction :func:`run_test_stage` will make with
+    these arguments, into ``cache_dir``; it then reads them all back. ``sync`` waits for every process
+    (and raises when one failed): a second model takes the first one's query views, read back whole."""
+    s = settings
+    scales = list(s.scales or [s.image_size])
+    views: ViewsOf | Sequence[list[View]] = _query_views(s)
+    for m, model in enumerate(models):
+        tag = f"model {m + 1}/{len(models)}: " if len(models) > 1 else ""
+        plan = _Plan.of(paths, scales, views, s, tag)
+        for listing in plan.listings():
+            extract_share(
+                model, listing.paths, rank=rank, world=world, **s.engine(cache_dir), **listing.arguments()
+            )
+        if m + 1 < len(models) and callable(
+            views
+        ):  # the views are a function of the image: the first model's
+            sync()
+            views = extract(
+                model, plan.queries.paths, **s.engine(cache_dir), **plan.queries.arguments()
+            ).views
+
+
+@dataclass(frozen=True)
+class _Block:
+    start: int
+    whole: Listing
+    crops: Listing | None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one model's pass extracts, in order: training, query views, then each reference block
+    (whole images, and their 18 crops when configured)."""
+
+    training: Listing | None
+    queries: Listing
+    blocks: list[_Block]
+
+    @classmethod
+    def of(
+        cls,
+        paths: Mapping[str, Sequence[Path]],
+        scales: list[int],
+        views: ViewsOf | Sequence[list[View]],
+        s: EvaluationSettings,
+        tag: str,
+    ) -> _Plan:
+        training = None
+        if len(paths.get("training", ())):
+            training = Listing(paths["training"], scales, desc=f"{tag}training", name="training")
+        per_image = 1 if views is whole_image else 20
+        queries = Listing(paths["queries"], scales, views, per_image, "queries", f"{tag}queries")
+        refs = list(paths["references"])
+        blocks = []
+        for start in range(0, len(refs), s.reference_block):
+            block = refs[start : start + s.reference_block]
+            where = f"{tag}references {start}-{start + len(block)} of {len(refs)}"
+            crops = None
+            if s.local_verification.reference_crops:
+                # D2LV matches the original query against the 19 crops at its first scale only
+                # (Test/README.md: "OQ+AR should NOT be repeated" at 200 / 320 px)
+                crops = Listing(
+                    block,
+                    scales[:1],
+                    _reference_crops,
+                    18,
+                    f"references-{start:09d}-crops",
+                    f"{where}: 18 crops each",
+                )
+            blocks.append(
+                _Block(start, Listing(block, scales, name=f"references-{start:09d}", desc=where), crops)
+            )
+        return cls(training, queries, blocks)
+
+    def listings(self) -> list[Listing]:
+        first = [self.training] if self.training is not None else []
+        return [*first, self.queries, *(x for b in self.blocks for x in (b.whole, b.crops) if x is not None)]
 
 
 @dataclass
@@ -230,38 +320,15 @@ def _search_model(
 ) -> _ModelPass:
     """One model: training -> post-processing per entry -> query views -> references block by block."""
     lv = s.local_verification
+    plan = _Plan.of(paths, scales, views, s, tag)
 
-    def run(
-        files: Sequence[Path],
-        at: Sequence[int],
-        of: ViewsOf | Sequence[list[View]],
-        per_image: int,
-        desc: str,
-        name: str,
-    ) -> ViewDescriptors:
-        return extract(
-            model,
-            files,
-            scales=at,
-            views=of,
-            views_per_image=per_image,
-            batch_size=s.batch_size,
-            num_workers=s.num_workers,
-            device=s.device,
-            cache_dir=cache_dir,
-            shard_size=s.shard_size,
-            name=name,
-            desc=desc,
-        )
+    def run(listing: Listing) -> ViewDescriptors:
+        return extract(model, listing.paths, **s.engine(cache_dir), **listing.arguments())
 
     training = None
-    if len(paths.get("training", ())):
-        training = _entries(
-            run(paths["training"], scales, whole_image, 1, f"{tag}training", "training").per_scale,
-            s.multiscale,
-        )
-    per_image = 1 if views is whole_image else 20
-    q = run(paths["queries"], scales, views, per_image, f"{tag}queries", "queries")
+    if plan.training is not None:
+        training = _entries(run(plan.training).per_scale, s.multiscale)
+    q = run(plan.queries)
     q_entries = _entries(q.per_scale, s.multiscale)
     post = [fit_postprocessing(training[e] if training else None, s) for e in range(len(q_entries))]
     queries = [pp.apply(x) for pp, x in zip(post, q_entries, strict=True)]
@@ -279,35 +346,24 @@ def _search_model(
 
     whole = [empty(n_views) for _ in queries]
     crops = empty(len(original))
-    ref_paths = list(paths["references"])
     ref_tables: list[np.ndarray] = []  # (image, crop index) of every reference row searched
     sizes: list[tuple[int, int]] = []
     global_refs: list[np.ndarray] = []
     n_ref_views = 0
-    for start in range(0, len(ref_paths), s.reference_block):
-        block = ref_paths[start : start + s.reference_block]
-        where = f"{tag}references {start}-{start + len(block)} of {len(ref_paths)}"
-        r = run(block, scales, whole_image, 1, where, f"references-{start:09d}")
+    for block in plan.blocks:
+        start, n_block = block.start, len(block.whole.paths)
+        r = run(block.whole)
         sizes += [(int(w), int(h)) for w, h in r.sizes]
-        rows = n_ref_views + np.arange(len(block))
-        ref_tables.append(np.stack([r.owner + start, np.zeros(len(block), dtype=np.int64)], axis=1))
-        n_ref_views += len(block)
+        rows = n_ref_views + np.arange(n_block)
+        ref_tables.append(np.stack([r.owner + start, np.zeros(n_block, dtype=np.int64)], axis=1))
+        n_ref_views += n_block
         for e, (pp, x) in enumerate(zip(post, _entries(r.per_scale, s.multiscale), strict=True)):
             ref = pp.apply(x)
             if e == 0:
                 global_refs.append(ref)
             whole[e] = _knn_into(whole[e], queries[e], ref, rows, s)
-        if lv.reference_crops:
-            # D2LV matches the original query against the 19 crops at its first scale only (Test/README.md:
-            # "OQ+AR should NOT be repeated" at 200 / 320 px)
-            rc = run(
-                block,
-                scales[:1],
-                _reference_crops,
-                18,
-                f"{where}: 18 crops each",
-                f"references-{start:09d}-crops",
-            )
+        if block.crops is not None:
+            rc = run(block.crops)
             crop_index = np.concatenate([np.arange(1, len(v) + 1) for v in rc.views])
             crop_rows = n_ref_views + np.arange(len(crop_index))
             ref_tables.append(np.stack([rc.owner + start, crop_index], axis=1))

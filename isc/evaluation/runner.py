@@ -24,8 +24,9 @@ import numpy as np
 from torch import nn
 
 from isc.data.images import Disc21Layout, SkippedImages, screen_decode, screen_quick
-from isc.evaluation.extract import extract
-from isc.evaluation.inference import ConcatModel, run_test_stage
+from isc.evaluation.distributed import Ranks
+from isc.evaluation.extract import Listing, extract, extract_share
+from isc.evaluation.inference import ConcatModel, run_test_stage, share_test_stage
 from isc.evaluation.matching import match_descriptors
 from isc.evaluation.postprocess import check_whitening_dim
 from isc.evaluation.report import write_report
@@ -41,6 +42,7 @@ __all__ = ["EvaluationRun", "evaluate_layout", "resolve_settings", "split_paths"
 log = logging.getLogger(__name__)
 
 Splits = dict[str, np.ndarray]
+ONE_PROCESS = Ranks()
 
 
 @dataclass
@@ -152,14 +154,24 @@ def evaluate_layout(
     skip_bad: bool = False,
     cache_dir: Path | None = None,
     subtitle: str = "",
-) -> EvaluationRun:
+    ranks: Ranks = ONE_PROCESS,
+) -> EvaluationRun | None:
     """Descriptors of every split -> matching (or the test stage) -> official files, metrics and report.
 
     ``models``: the descriptor models (several for an ensemble; none with ``settings.descriptors``).
     ``predict=True`` (``task=predict``) never reads a ground truth: only the official matching CSV and
     descriptor file are written. ``cache_dir``: the extraction engine's resumable shards.
+
+    ``ranks``: in a group of processes (every one calls this with the same arguments), each extracts its
+    share into ``cache_dir`` (:mod:`isc.evaluation.distributed`); then rank 0 goes on alone and the
+    others return ``None``.
     """
     out = Path(out_dir)
+    if ranks.world > 1 and cache_dir is None and not settings.descriptors:
+        raise ValueError(
+            f"evaluation.cache_dir=null: the {ranks.world} processes share the extraction through the shard "
+            "cache; set evaluation.cache_dir to a folder every process can reach (or auto)"
+        )
     if not predict:
         layout.validate()
     log.info("dataset: %s", layout.root)
@@ -172,6 +184,8 @@ def evaluate_layout(
                 "evaluation.descriptors holds one descriptor per image; scales, local_verification and "
                 "ensemble need the models: drop evaluation.descriptors or those settings"
             )
+        if ranks.rank > 0:
+            return None  # nothing to extract: rank 0 reads the file
         ids, vectors = _read_descriptor_file(settings, layout)
         s = resolve_settings(settings, len(ids.get("training", ())), [vectors["queries"].shape[1]])
         result = _match(ids, vectors, ground_truth, s)
@@ -180,6 +194,11 @@ def evaluate_layout(
         paths = _screen(layout, listed, skip_bad, skipped, max(8, settings.num_workers))
         models, settings = _combined(models, settings)
         s = resolve_settings(settings, len(paths.get("training", ())), [int(m.dim) for m in models])  # type: ignore[arg-type]
+        if ranks.world > 1:
+            assert cache_dir is not None
+            ranks.share(lambda: _share(models, paths, s, cache_dir, ranks))
+            if ranks.rank > 0:
+                return None
         started = time.perf_counter()
         if s.test_stage:
             ids_ = {split: [p.stem for p in files] for split, files in paths.items()}
@@ -239,6 +258,37 @@ def _combined(
     return models, settings
 
 
+def _share(
+    models: Sequence[nn.Module],
+    paths: dict[str, list[Path]],
+    s: EvaluationSettings,
+    cache_dir: Path,
+    ranks: Ranks,
+) -> None:
+    """This process's share of every extraction the run will make (the test stage's, or the global one)."""
+    if s.test_stage:
+        share_test_stage(models, paths, s, cache_dir, ranks.rank, ranks.world, ranks.sync)
+        return
+    for listing in _global_listings(models[0], paths, s):
+        extract_share(
+            models[0],
+            listing.paths,
+            rank=ranks.rank,
+            world=ranks.world,
+            **s.engine(cache_dir),
+            **listing.arguments(),
+        )
+
+
+def _global_listings(model: nn.Module, paths: dict[str, list[Path]], s: EvaluationSettings) -> list[Listing]:
+    """One whole-image view per image of every split, at the model's recorded input size."""
+    image_size = getattr(model, "image_size", None) or s.image_size
+    return [
+        Listing(files, [image_size], name=split, desc=f"{split} ({len(files)} images)")
+        for split, files in paths.items()
+    ]
+
+
 def _global(
     model: nn.Module,
     paths: dict[str, list[Path]],
@@ -253,19 +303,8 @@ def _global(
     vectors: Splits = {}
     ids: Splits = {}
     started = time.perf_counter()
-    for split, files in paths.items():
-        d = extract(
-            model,
-            files,
-            scales=[image_size],
-            batch_size=s.batch_size,
-            num_workers=s.num_workers,
-            device=s.device,
-            cache_dir=cache_dir,
-            shard_size=s.shard_size,
-            name=split,
-            desc=f"{split} ({len(files)} images)",
-        )
+    for split, listing in zip(paths, _global_listings(model, paths, s), strict=True):
+        d = extract(model, listing.paths, **s.engine(cache_dir), **listing.arguments())
         vectors[split], ids[split] = d.vectors, d.ids
     n = sum(len(v) for v in ids.values())
     seconds = time.perf_counter() - started

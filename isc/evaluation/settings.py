@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,6 +211,17 @@ class EvaluationSettings:
     @property
     def resolved_device(self) -> str | None:
         return None if self.device == "auto" else self.device
+
+    def engine(self, cache_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+        """The extraction engine's keyword arguments (:func:`isc.evaluation.extract.extract`) for every
+        listing of a run: the same in each process of a group, so their shards are one cache."""
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "device": self.device,
+            "cache_dir": cache_dir,
+            "shard_size": self.shard_size,
+        }
 
     def for_training_set(self, num_training: int) -> EvaluationSettings:
         """These settings on a dataset with ``num_training`` training images.
