@@ -1,4 +1,5 @@
-"""``task=export``: the descriptor model as one self-contained file that loads without Lightning or Hydra."""
+"""``task=export``: the descriptor model as one self-contained file that loads without Lightning or Hydra,
+and as TorchScript, which loads without this package."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from isc.models.descriptor import save_descriptor_model
+from isc.models.torchscript import save_torchscript
 from tasks.common import descriptor_model, evaluation_settings
 
 
@@ -16,7 +18,16 @@ def export(cfg: DictConfig) -> dict[str, object]:
     model = descriptor_model(cfg)
     if model.image_size is None:
         model.image_size = settings.image_size
-    path = save_descriptor_model(model, Path(cfg.paths.output_dir) / "descriptor_model.pt")
+    out = Path(cfg.paths.output_dir)
+    path = save_descriptor_model(model, out / "descriptor_model.pt")
+    scripted, how = save_torchscript(model, out / "descriptor_model.torchscript.pt", model.image_size)
     print(f"exported a {model.dim}-d descriptor model ({model.image_size} px input) to {path}")
     print(f"evaluate it with: python run.py task=evaluate ckpt_path={path}")
-    return {"path": str(path), "descriptor_dim": model.dim, "image_size": model.image_size}
+    sizes = "any input size" if how == "script" else f"{model.image_size} px inputs (traced)"
+    print(f"TorchScript ({sizes}), for torch.jit.load without this package: {scripted}")
+    return {
+        "path": str(path),
+        "torchscript": str(scripted),
+        "descriptor_dim": model.dim,
+        "image_size": model.image_size,
+    }

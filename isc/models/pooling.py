@@ -8,10 +8,11 @@ from torch import nn
 __all__ = ["AvgPool", "GeM", "gem"]
 
 
-def gem(x: torch.Tensor, p: torch.Tensor | float = 3.0, eps: float = 1e-6) -> torch.Tensor:
+def gem(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Generalised-mean pooling (Radenović et al., TPAMI 2018): (B, C, H, W) -> (B, C).
 
-    ``p = 1`` is average pooling and ``p -> inf`` max pooling; copy detection works best near 3.
+    ``p = 1`` is average pooling and ``p -> inf`` max pooling; copy detection works best near 3. ``p`` is
+    a 0-d tensor (a float would not script: :mod:`isc.models.torchscript`).
     """
     return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 

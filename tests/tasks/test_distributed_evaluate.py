@@ -7,12 +7,14 @@ verification too; a rank that fails ends the group, naming the file, and leaves 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +38,6 @@ TINY = [
     "evaluation.batch_size=2",
     "evaluation.shard_size=4",
     "evaluation.score_normalization.k=2",
-]
-TEST_STAGE = [
-    "evaluation.scales=[32,40]",
-    "evaluation.local_verification.enabled=true",
-    "evaluation.local_verification.reference_crops=true",
-    "evaluation.local_verification.query.min_size=8",
-    "evaluation.local_verification.query.proposals.max_proposals=2",
 ]
 TIMES = ("seconds",)  # seconds_per_query: wall-clock time
 
@@ -74,35 +69,64 @@ def figures(metrics: dict) -> dict:
     return metrics
 
 
-@pytest.mark.ddp
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("stage", ["global", "test stage"])
-def test_two_processes_give_the_figures_files_and_descriptors_of_one(
-    stage: str, benchmark: Path, tmp_path: Path
-) -> None:
-    args = [f"dataset.root={benchmark}", *TINY, *(TEST_STAGE if stage == "test stage" else [])]
-    one = tmp_path / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each of the two ranks on this 2-core machine (Lightning gives cpus / ranks)
-    try:
-        tasks.evaluate(compose_cfg([*args, f"evaluation.cache_dir={tmp_path / 'cache-one'}"], one))
-    finally:
-        torch.set_num_threads(threads)
-    two = tmp_path / "two"
-    job = two_processes(args, two, tmp_path / "cache-two")
-    output = job.communicate(timeout=500)[0].decode(errors="replace")
-    assert job.returncode == 0, output[-4000:]
-    for split in ("queries", "training", "references" if stage == "global" else "references-000000000"):
-        assert f"{split}: rank 1 of 2 computed " in output, f"rank 1 did no {split} shard"
-    assert "rank 1 of 2 computed 0" not in output.split("references")[0]  # each split: work on both
-
+def same_outputs(one: Path, two: Path) -> None:
+    """The figures, the CSV's bytes, and the descriptors to 1e-6."""
     expected, got = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert figures(got) == figures(expected)
+    assert (two / "predictions.csv").read_bytes() == (one / "predictions.csv").read_bytes()
     a, b = (read_descriptors(d / "descriptors.h5") for d in (one, two))
     for x, y in ((a.query, b.query), (a.reference, b.reference), (a.training, b.training)):
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-6)
     assert list(a.query_ids) == list(b.query_ids) and list(a.reference_ids) == list(b.reference_ids)
-    assert (two / "predictions.csv").read_bytes() == (one / "predictions.csv").read_bytes()
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """As each of two ranks on this 2-core machine runs (Lightning gives each cpus / ranks threads): the
+    same kernels, so the same float rounding."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
+def test_two_processes_give_the_figures_files_and_descriptors_of_one(benchmark: Path, tmp_path: Path) -> None:
+    args = [f"dataset.root={benchmark}", *TINY]
+    one = tmp_path / "one"
+    with one_thread():
+        tasks.evaluate(compose_cfg([*args, f"evaluation.cache_dir={tmp_path / 'cache-one'}"], one))
+    two = tmp_path / "two"
+    job = two_processes(args, two, tmp_path / "cache-two")
+    output = job.communicate(timeout=500)[0].decode(errors="replace")
+    assert job.returncode == 0, output[-4000:]
+    for split in ("queries", "references", "training"):  # each rank computed shards of every split
+        for rank in (0, 1):
+            assert f"{split}: rank {rank} of 2 computed " in output, (split, rank)
+            assert f"{split}: rank {rank} of 2 computed 0 " not in output, (split, rank)
+    assert "uAP " in output and f"outputs in {two}" in output  # rank 0 prints the headline
+    same_outputs(one, two)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(300)
+def test_the_test_stage_of_two_processes_is_the_test_stage_of_one(
+    benchmark: Path, ddp_jobs: Path, tmp_path: Path
+) -> None:
+    """Local verification and reference crops at two scales (``tests/training/ddp_test_stage_job.py``)."""
+    import ddp_test_stage_job as job
+
+    from isc.evaluation.distributed import Ranks
+
+    with one_thread():
+        job.evaluate(benchmark, tmp_path, Ranks())
+    shared = ddp_jobs / "test_stage"
+    shards = sorted(p.relative_to(shared / "cache") for p in (shared / "cache").rglob("shard-*.h5"))
+    assert len(shards) >= 8 and any("crops" in str(p) for p in shards)
+    same_outputs(tmp_path / "run", shared / "run")
 
 
 @pytest.mark.ddp
@@ -129,3 +153,40 @@ def test_an_image_that_fails_on_one_rank_ends_the_group_naming_it(tmp_path: Path
     with pytest.raises(ProcessLookupError):  # rank 1 and every worker are gone too
         os.killpg(job.pid, 0)
     assert time.monotonic() - started < 240
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
+def test_a_killed_group_resumes_from_every_ranks_shards(benchmark: Path, tmp_path: Path) -> None:
+    """SIGKILL the group once both ranks have written shards; the rerun reuses them and writes what an
+    uninterrupted group writes."""
+    args = [f"dataset.root={benchmark}", *TINY, "evaluation.image_size=96", "evaluation.shard_size=2"]
+    cache = tmp_path / "cache"
+    killed = two_processes(args, tmp_path / "killed", cache, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while (
+        True
+    ):  # both ranks' shards of the first split: rank 0 writes shards 0, 2, ..., rank 1 shards 1, 3, ...
+        shards = {int(p.stem.split("-")[1]) % 2 for p in cache.rglob("shard-*.h5")}
+        if shards == {0, 1}:
+            break
+        assert killed.poll() is None and time.monotonic() < deadline, "no shards from both ranks"
+        time.sleep(0.01)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    finished = len(list(cache.rglob("shard-*.h5")))
+    assert not (tmp_path / "killed" / "predictions.csv").exists()
+
+    resumed = two_processes(args, tmp_path / "resumed", cache)
+    output = resumed.communicate(timeout=500)[0].decode(errors="replace")
+    assert resumed.returncode == 0, output[-3000:]
+    kept = sum(int(part.split(" and kept ")[1].split()[0]) for part in output.split("computed ")[1:])
+    assert kept >= finished >= 2  # every shard the killed group had finished is reused, on either rank
+    fresh = two_processes(args, tmp_path / "fresh", tmp_path / "cache-fresh")
+    output = fresh.communicate(timeout=500)[0].decode(errors="replace")
+    assert fresh.returncode == 0, output[-3000:]
+    resumed_dir, fresh_dir = tmp_path / "resumed", tmp_path / "fresh"
+    assert (resumed_dir / "predictions.csv").read_bytes() == (fresh_dir / "predictions.csv").read_bytes()
+    expected, got = (json.loads((d / "metrics.json").read_text()) for d in (fresh_dir, resumed_dir))
+    assert figures(got) == figures(expected)

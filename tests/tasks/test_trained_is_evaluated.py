@@ -116,6 +116,51 @@ def test_export_loads_without_lightning_or_hydra(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(("trunk", "compiled"), [("resnet50", "script"), ("efficientnet_lite0", "trace")])
+def test_torchscript_export_runs_in_plain_torch_and_matches(
+    trunk: str, compiled: str, tmp_path: Path
+) -> None:
+    """task=export's TorchScript file: ``torch.jit.load`` in an interpreter where this project cannot be
+    imported gives the PyTorch model's descriptors (to 1e-5), at any input size when scripted (the
+    EfficientNet package's code does not script: it is traced at the model's size)."""
+    from isc.models import trunks
+    from isc.models.descriptor import DescriptorModel
+    from isc.models.heads import BNNeckHead
+    from isc.models.pooling import GeM
+    from isc.models.torchscript import SPEC_FILE, save_torchscript
+
+    torch.manual_seed(0)
+    body = getattr(trunks, trunk)()
+    model = DescriptorModel(
+        body, GeM(p=2.2, trainable=True), head=BNNeckHead(body.out_channels, [32], 16), image_size=40
+    ).eval()
+    path, how = save_torchscript(model, tmp_path / "model.torchscript.pt", 40)
+    assert how == compiled
+    sizes = [40, 56] if how == "script" else [40]
+    images = {s: torch.rand(2, 3, s, s) for s in sizes}
+    torch.save(images, tmp_path / "images.pt")
+    script = (
+        "import json, sys\n"
+        "for name in ('isc', 'tasks', 'lightning', 'hydra', 'timm', 'efficientnet_lite_pytorch'):\n"
+        "    sys.modules[name] = None  # importing any of them now fails\n"
+        "import torch\n"
+        f"extra = {{{SPEC_FILE!r}: ''}}\n"
+        f"model = torch.jit.load({str(path)!r}, _extra_files=extra)\n"
+        f"images = torch.load({str(tmp_path / 'images.pt')!r})\n"
+        f"torch.save({{s: model(x) for s, x in images.items()}}, {str(tmp_path / 'out.pt')!r})\n"
+        f"print(json.loads(extra[{SPEC_FILE!r}])['descriptor_dim'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["16"]
+    out = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        for s, x in images.items():
+            torch.testing.assert_close(out[s], model(x), atol=1e-5, rtol=0)
+
+
 def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path: Path) -> None:
     from isc.models.descriptor import load_descriptor_model
 

@@ -17,6 +17,7 @@ import ddp_correctness_job  # noqa: E402
 import ddp_eval_job  # noqa: E402
 import ddp_pretrain_job  # noqa: E402
 import ddp_retrieval_job  # noqa: E402
+import ddp_test_stage_job  # noqa: E402
 
 JOBS: dict[str, Callable[[Path, Path], None]] = {
     "xbm": ddp_correctness_job.fit_xbm,  # cross-batch memory
@@ -24,6 +25,7 @@ JOBS: dict[str, Callable[[Path, Path], None]] = {
     "barlow": ddp_pretrain_job.fit,  # Barlow Twins' loss and gradients
     "eval": ddp_eval_job.fit,  # the callback with ranks whose BN statistics drift apart
     "retrieval": ddp_retrieval_job.fit,  # the callback's gather of every rank's shard
+    "test_stage": ddp_test_stage_job.fit,  # task=evaluate's test stage, each rank extracting its share
 }
 
 
