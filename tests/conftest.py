@@ -3,6 +3,7 @@ composition, and the official uAP of a run's files computed independently of the
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,6 +57,19 @@ def random_image(rng: np.random.Generator, size: int = 48) -> Image.Image:
     """A distinct, structured image: a few random colour blocks upsampled (not white noise)."""
     blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
     return Image.fromarray(blocks).resize((size, size), Image.Resampling.NEAREST)
+
+
+def corrupt_pixels(path: Path) -> None:
+    """A PNG whose header and end marker are intact but whose compressed pixels are not.
+
+    The cheap pre-pass lets it through; only the rank that decodes it fails, mid-run.
+    """
+    buffer = io.BytesIO()
+    random_image(np.random.default_rng(7), 64).save(buffer, format="PNG", compress_level=0)
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"IDAT") + 4
+    data[start + 2 : start + 40] = b"\xff" * 38  # the zlib stream after its 2-byte header
+    path.write_bytes(bytes(data))
 
 
 def make_copy_benchmark(root: Path) -> Path:

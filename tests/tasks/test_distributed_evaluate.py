@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg, ddp_env, make_copy_benchmark
+from conftest import compose_cfg, corrupt_pixels, ddp_env, make_copy_benchmark
 
 import tasks
 from isc.data.images import screen_quick
@@ -28,8 +28,6 @@ from isc.formats.descriptor_files import read_descriptors
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))
-
-from test_ddp_faults import _corrupt_pixels  # noqa: E402
 
 # shards of 4 images (batches of 2): every split has shards for both ranks
 TINY = [
@@ -129,13 +127,25 @@ def test_the_test_stage_of_two_processes_is_the_test_stage_of_one(
     same_outputs(tmp_path / "run", shared / "run")
 
 
+def test_an_image_that_fails_on_one_rank_fails_every_rank_naming_it(ddp_jobs: Path) -> None:
+    """In the shared launch (``ddp_test_stage_job.py``): rank 1's decode error ends rank 0 too, with it."""
+    import ddp_test_stage_job as job
+
+    for rank in (0, 1):
+        error = (ddp_jobs / "test_stage" / f"error-{rank}.txt").read_text()
+        assert error.startswith("GroupFailed: rank 1 of 2 failed") and job.BAD in error, error
+    assert not (ddp_jobs / "test_stage" / "failed" / "predictions.csv").exists()
+
+
+@pytest.mark.slow  # two process start-ups; the fault's logic is checked above in the shared launch
 @pytest.mark.ddp
 @pytest.mark.timeout(600)
 def test_an_image_that_fails_on_one_rank_ends_the_group_naming_it(tmp_path: Path) -> None:
+    """The command line: both processes end, the error names the file, no process is left."""
     (tmp_path / "bench").mkdir()
     bench = make_copy_benchmark(tmp_path / "bench")
     bad = bench / "references" / "R000013.png"  # in shard 3: rank 1's
-    _corrupt_pixels(bad)
+    corrupt_pixels(bad)
     assert screen_quick([bad], "test")[1] == []  # the pre-pass lets it through: only its rank fails
     started = time.monotonic()
     job = two_processes(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -10,27 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import ddp_env, make_copy_benchmark, random_image
+from conftest import corrupt_pixels, ddp_env, make_copy_benchmark
 from test_finetune import tiny
 
 from isc.data.images import ImageLoadError, load_image, screen_quick
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _corrupt_pixels(path: Path) -> None:
-    """A PNG whose header and end marker are intact but whose compressed pixels are not.
-
-    The cheap pre-pass lets it through; only the rank that decodes it fails, mid-run.
-    """
-    buffer = io.BytesIO()
-    random_image(np.random.default_rng(7), 64).save(buffer, format="PNG", compress_level=0)
-    data = bytearray(buffer.getvalue())
-    start = data.index(b"IDAT") + 4
-    data[start + 2 : start + 40] = b"\xff" * 38  # the zlib stream after its 2-byte header
-    path.write_bytes(bytes(data))
 
 
 @pytest.mark.ddp
@@ -39,7 +24,7 @@ def test_an_image_error_on_one_rank_ends_both_ranks(tmp_path: Path) -> None:
     (tmp_path / "bench").mkdir()
     bench = make_copy_benchmark(tmp_path / "bench")
     bad = bench / "training" / "T000002.png"  # a fine-tuning class, and an image the callback embeds
-    _corrupt_pixels(bad)
+    corrupt_pixels(bad)
     assert screen_quick([bad], "test")[1] == []  # passes the pre-pass ...
     with pytest.raises(ImageLoadError):
         load_image(bad)  # ... but cannot be decoded
