@@ -200,3 +200,30 @@ def test_a_killed_group_resumes_from_every_ranks_shards(benchmark: Path, tmp_pat
     assert (resumed_dir / "predictions.csv").read_bytes() == (fresh_dir / "predictions.csv").read_bytes()
     expected, got = (json.loads((d / "metrics.json").read_text()) for d in (fresh_dir, resumed_dir))
     assert figures(got) == figures(expected)
+
+
+@pytest.mark.slow  # two more process start-ups; Fabric joins the group torchrun made (TorchElasticEnvironment)
+@pytest.mark.ddp
+@pytest.mark.timeout(600)
+def test_torchrun_gives_the_group_that_trainer_ddp_starts(benchmark: Path, tmp_path: Path) -> None:
+    """README's torchrun command on one node: the figures, files and descriptors of one process."""
+    args = [f"dataset.root={benchmark}", *TINY]
+    one = tmp_path / "one"
+    with one_thread():
+        tasks.evaluate(compose_cfg([*args, f"evaluation.cache_dir={tmp_path / 'cache-one'}"], one))
+    two = tmp_path / "two"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = ddp_env()
+    done = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", f"--master_port={env.pop('MASTER_PORT')}", "run.py"]
+        + ["task=evaluate", *args, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
+        + [f"evaluation.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={two}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "queries: rank 1 of 2 computed " in done.stdout + done.stderr
+    same_outputs(one, two)
