@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from isc.data.images import load_image
-from isc.evaluation.extract import eval_transform, extract
+from isc.evaluation.extract import eval_transform, extract, extract_share
 from isc.evaluation.shards import listing_fingerprint, model_fingerprint
 
 N_IMAGES, BATCH, SHARD = 40, 4, 8  # 5 shards of 2 batches
@@ -149,6 +149,26 @@ def test_splits_share_a_cache_without_clashing(tmp_path: Path, images: list[Path
     assert sharded(model, queries, cache).tobytes() == expected[1].tobytes()
     assert counter.images == 0
     assert len({f.parent for f in shard_files(cache)}) == 2
+
+
+def test_shares_of_a_group_make_up_the_listing(tmp_path: Path, images: list[Path]) -> None:
+    """Rank r of 3 computes shards r, r + 3, ... and nothing else; the three shares together are what
+    one extraction reads back whole, without a forward, to the same bytes."""
+    model, cache = tiny_net(), tmp_path / "cache"
+    kw = {"shard_size": SHARD, "batch_size": BATCH, "num_workers": 0, "progress": False}
+    counter = Counter(model)
+    for rank in range(3):
+        before = {f.name for f in shard_files(cache)}
+        extract_share(model, images, rank=rank, world=3, cache_dir=cache, scales=[SIZE], **kw)
+        new = sorted(f.name for f in shard_files(cache) if f.name not in before)
+        assert new == [f"shard-{s:05d}.h5" for s in range(rank, N_SHARDS, 3)]
+    assert counter.images == N_IMAGES  # every image once, over the three shares
+    extract_share(model, images, rank=1, world=3, cache_dir=cache, scales=[SIZE], **kw)
+    assert counter.images == N_IMAGES  # a share already on disk is kept
+    assert sharded(model, images, cache).tobytes() == reference(model, images).tobytes()
+    assert counter.images == N_IMAGES
+    with pytest.raises(ValueError, match="rank 3 is not one of the 3"):
+        extract_share(model, images, rank=3, world=3, cache_dir=cache, scales=[SIZE], **kw)
 
 
 def test_shard_size_is_rounded_to_batches(tmp_path: Path, images: list[Path]) -> None:
