@@ -10,12 +10,14 @@ the number ``task=evaluate`` prints for the same checkpoint.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from isc.evaluation.metrics import evaluate
 from isc.evaluation.postprocess import PostProcessing, normalize_scores
 from isc.evaluation.results import EvaluationResult, StageResult
-from isc.evaluation.search import knn, predictions_from_knn
+from isc.evaluation.search import approximate_knn, knn, predictions_from_knn, recall_at_k
 from isc.evaluation.settings import EvaluationSettings
 from isc.formats.pairs import GroundTruth, Predictions
 
@@ -35,6 +37,16 @@ def fit_postprocessing(training: np.ndarray | None, s: EvaluationSettings) -> Po
     )
 
 
+def _neighbours(
+    query: np.ndarray, reference: np.ndarray, training: np.ndarray | None, s: EvaluationSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    if s.index == "Flat":
+        return knn(query, reference, s.k, backend=s.search_backend, device=s.resolved_device)
+    return approximate_knn(
+        query, reference, s.k, index=s.index, training=training, parameters=s.index_parameters
+    )
+
+
 def _search(
     query_ids: np.ndarray,
     query: np.ndarray,
@@ -42,11 +54,26 @@ def _search(
     reference: np.ndarray,
     s: EvaluationSettings,
     bias: np.ndarray | None = None,
-) -> Predictions:
-    sims, idx = knn(query, reference, s.k, backend=s.search_backend, device=s.resolved_device)
+    training: np.ndarray | None = None,
+) -> tuple[Predictions, np.ndarray]:
+    """The capped predictions, and the neighbours' indices (nq, k) they came from."""
+    sims, idx = _neighbours(query, reference, training, s)
     if bias is not None:
         sims = normalize_scores(sims, bias)
-    return predictions_from_knn(query_ids, reference_ids, sims, idx).top(s.max_predictions)
+    return predictions_from_knn(query_ids, reference_ids, sims, idx).top(s.max_predictions), idx
+
+
+def _index_recall(q: np.ndarray, r: np.ndarray, found: np.ndarray, s: EvaluationSettings) -> dict[str, Any]:
+    """An approximate index's recall@k against exact search, on the first ``recall_queries`` queries."""
+    n = min(len(q), s.recall_queries)
+    _, exact = knn(q[:n], r, s.k, backend=s.search_backend, device=s.resolved_device)
+    return {
+        "index": s.index,
+        "parameters": s.index_parameters,
+        "k": s.k,
+        "queries_checked": n,
+        "recall_at_k": recall_at_k(found[:n], exact),
+    }
 
 
 def match_descriptors(
@@ -70,12 +97,16 @@ def match_descriptors(
         s = s.for_training_set(0)
     post = fit_postprocessing(training, s)
     q, r = post.apply(query), post.apply(reference)
-    predictions = _search(query_ids, q, reference_ids, r, s, post.bias(q))
+    predictions, found = _search(query_ids, q, reference_ids, r, s, post.bias(q), post.training)
+    search = None if s.index == "Flat" else _index_recall(q, r, found, s)
     metrics = evaluate(ground_truth, predictions) if ground_truth is not None else None
     raw_metrics = None
     if metrics is not None and (post.whitening is not None or post.beta):
         plain = PostProcessing()
-        raw = _search(query_ids, plain.apply(query), reference_ids, plain.apply(reference), s)
+        plain_training = None if training is None else plain.apply(training)
+        raw, _ = _search(
+            query_ids, plain.apply(query), reference_ids, plain.apply(reference), s, None, plain_training
+        )
         raw_metrics = evaluate(ground_truth, raw)  # type: ignore[arg-type]
     return EvaluationResult(
         [StageResult("global", predictions, metrics)],
@@ -87,4 +118,5 @@ def match_descriptors(
         None if training_ids is None else np.asarray(training_ids),
         post.training,
         raw_metrics,
+        search=search,
     )

@@ -73,6 +73,7 @@ class EvaluationResult:
     raw_metrics: Metrics | None = None
     evidence: Mapping[tuple[str, str], Evidence] | None = field(default=None, repr=False)
     rows: Any = field(default=None, repr=False)  # the test stage's candidate rows (inference.TestStageRows)
+    search: dict[str, Any] | None = None  # an approximate index: its string and measured recall@k
 
     @property
     def final(self) -> StageResult:
@@ -117,4 +118,6 @@ class EvaluationResult:
                 for st in self.stages
             }
         out["num_predictions"] = len(self.predictions)
+        if self.search is not None:
+            out["search"] = self.search
         return out

@@ -37,11 +37,13 @@ from isc.formats.pairs import Predictions
 
 __all__ = [
     "FAISS_GPU_MAX_K",
+    "approximate_knn",
     "faiss_gpu_available",
     "knn",
     "predictions_from_knn",
     "predictions_from_range",
     "range_search",
+    "recall_at_k",
 ]
 
 Backend = Literal["faiss", "torch"]
@@ -285,6 +287,73 @@ def knn(
         sims = np.concatenate([sims, np.full((len(sims), pad), -np.inf, dtype=np.float32)], axis=1)
         idx = np.concatenate([idx, np.full((len(idx), pad), -1, dtype=np.int64)], axis=1)
     return _sort_rows(sims, idx)
+
+
+# --------------------------------------------------------------------------------------------------
+# approximate search
+
+
+def approximate_knn(
+    queries: ArrayLike,
+    database: ArrayLike,
+    k: int,
+    *,
+    index: str,
+    training: ArrayLike | None = None,
+    parameters: str = "",
+    block_size: int = 16384,
+    num_threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn` through an approximate faiss index built from an index-factory string.
+
+    ``index`` is what ``faiss.index_factory`` takes, by inner product: ``"IVF4096,PQ32"`` (inverted
+    lists with product-quantised codes), ``"HNSW32"``, ``"PCAW128,IVF1024,Flat"`` (PCA-whitening codec in
+    front). It is trained on ``training`` (the training descriptors, post-processed like the database),
+    else on the database. ``parameters`` are faiss search parameters, ``"nprobe=64"`` or
+    ``"efSearch=128"``. Returns what :func:`knn` returns; missing neighbours are padding.
+    """
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    block_size = _validate_block(block_size, "block_size")
+    q, db = _validate_pair(queries, database)
+    q, db = _to_numpy(q), _to_numpy(db)
+    try:
+        built = faiss.index_factory(db.shape[1], index, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"evaluation.index={index!r} is not a faiss index-factory string: {e}") from e
+    fit = db if training is None else _to_numpy(_validate(training, "training"))
+    with _faiss_threads(num_threads):
+        if not built.is_trained:
+            try:
+                built.train(fit)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"evaluation.index={index!r} cannot be trained on {len(fit)} vectors: {e}"
+                ) from e
+        built.add(db)
+        if parameters:
+            try:
+                faiss.ParameterSpace().set_index_parameters(built, parameters)  # type: ignore[arg-type]
+            except RuntimeError as e:
+                raise ValueError(f"evaluation.index_parameters={parameters!r} for {index!r}: {e}") from e
+        parts = [built.search(q[i : i + block_size], int(k)) for i in range(0, len(q), block_size)]
+    if not parts:
+        return np.zeros((0, int(k)), np.float32), np.zeros((0, int(k)), np.int64)
+    sims = np.concatenate([p[0] for p in parts]).astype(np.float32, copy=False)
+    idx = np.concatenate([p[1] for p in parts]).astype(np.int64, copy=False)
+    sims[idx < 0] = -np.inf
+    return _sort_rows(sims, idx)
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """The share of the exact neighbours (``exact`` (nq, k) indices, -1 = none) that ``found`` (nq, k)
+    also returns: 1.0 when the approximate search misses nothing."""
+    found, exact = np.asarray(found), np.asarray(exact)
+    if found.shape != exact.shape:
+        raise ValueError(f"found {found.shape} and exact {exact.shape} must have the same shape")
+    hits = sum(len(set(e[e >= 0]) & set(f[f >= 0])) for f, e in zip(found, exact, strict=True))
+    total = int((exact >= 0).sum())
+    return hits / total if total else 1.0
 
 
 # --------------------------------------------------------------------------------------------------

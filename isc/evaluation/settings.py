@@ -102,6 +102,11 @@ class EvaluationSettings:
     num_workers: int = 2
     device: str = "auto"
     search_backend: Backend = "faiss"
+    index: str = (
+        "Flat"  # a faiss index-factory string: Flat is exact, IVF/HNSW/PQ approximate (global matching)
+    )
+    index_parameters: str = ""  # faiss search parameters of an approximate index: "nprobe=64", "efSearch=128"
+    recall_queries: int = 1000  # queries an approximate index is checked on against exact search
     k: int = 10
     whitening: Whitening = field(default_factory=Whitening)
     score_normalization: ScoreNormalization = field(default_factory=ScoreNormalization)
@@ -186,6 +191,15 @@ class EvaluationSettings:
             raise ValueError(f"evaluation.max_training must be >= 1 or null, got {self.max_training}")
         if self.shard_size < 1:
             raise ValueError(f"evaluation.shard_size must be >= 1, got {self.shard_size}")
+        if self.recall_queries < 0:
+            raise ValueError(f"evaluation.recall_queries must be >= 0, got {self.recall_queries}")
+        if not self.index.strip():
+            raise ValueError("evaluation.index is empty: Flat (exact) or a faiss index-factory string")
+        if self.index != "Flat" and self.test_stage:
+            raise ValueError(
+                f"evaluation.index={self.index}: approximate indexes serve global matching; the test stage "
+                "(scales, local_verification, ensemble) searches exactly: use evaluation.index=Flat"
+            )
         if self.reference_block < 1:
             raise ValueError(f"evaluation.reference_block must be >= 1, got {self.reference_block}")
 

@@ -253,3 +253,48 @@ def test_torch_backend_ignores_reduced_matmul_precision(data):
     finally:
         torch.set_float32_matmul_precision(previous)
     np.testing.assert_array_equal(got[1], ref[1])
+
+
+# --- approximate indexes -----------------------------------------------------------------------------
+
+
+def _clustered(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((8, d)).astype(np.float32)
+    x = centres[rng.integers(8, size=n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_an_ivf_index_probing_every_list_is_exact_and_fewer_lists_miss_some() -> None:
+    from isc.evaluation.search import approximate_knn, recall_at_k
+
+    db, q, train = _clustered(2000, 16, 0), _clustered(200, 16, 1), _clustered(1000, 16, 2)
+    sims, exact = knn(q, db, 10)
+    all_lists, found = approximate_knn(q, db, 10, index="IVF16,Flat", training=train, parameters="nprobe=16")
+    assert recall_at_k(found, exact) == 1.0
+    np.testing.assert_allclose(all_lists, sims, atol=1e-5)
+    _, one_list = approximate_knn(q, db, 10, index="IVF16,Flat", training=train, parameters="nprobe=1")
+    assert 0.2 < recall_at_k(one_list, exact) < 1.0  # the neighbours in the other lists are missed
+    recalls = [
+        recall_at_k(approximate_knn(q, db, 10, index="HNSW16", parameters=f"efSearch={ef}")[1], exact)
+        for ef in (16, 256)
+    ]
+    assert recalls[0] < recalls[1] and recalls[1] > 0.95  # a wider graph search finds more
+
+
+def test_recall_at_k_by_hand() -> None:
+    from isc.evaluation.search import recall_at_k
+
+    exact = np.array([[0, 1, 2], [3, 4, -1]])
+    found = np.array([[2, 9, 0], [4, -1, -1]])
+    assert recall_at_k(found, exact) == pytest.approx(3 / 5)  # 2 of 3, then 1 of 2 real neighbours
+
+
+def test_a_bad_index_string_or_parameter_names_the_key() -> None:
+    from isc.evaluation.search import approximate_knn
+
+    x = _clustered(100, 8, 0)
+    with pytest.raises(ValueError, match="evaluation.index='IVFX'"):
+        approximate_knn(x, x, 5, index="IVFX")
+    with pytest.raises(ValueError, match="evaluation.index_parameters='nprobbe=4'"):
+        approximate_knn(x, x, 5, index="IVF4,Flat", parameters="nprobbe=4")

@@ -230,3 +230,26 @@ def test_the_readme_notebook_call_gives_what_task_evaluate_gives(benchmark: Path
     assert (tmp_path / "nb" / "predictions.csv").read_bytes() == (
         tmp_path / "cli" / "predictions.csv"
     ).read_bytes()
+
+
+def test_an_approximate_index_reports_its_recall_and_probing_all_lists_changes_nothing(
+    benchmark: Path, tmp_path: Path
+) -> None:
+    """``evaluation.index``: an IVF index with every list probed is exact (recall@k 1.0, the same uAP);
+    metrics.json records the index and the recall measured against exact search in the same run."""
+    common = [f"dataset.root={benchmark}", "debug=default", "evaluation.score_normalization.k=2"]
+    exact = evaluate(common, tmp_path / "flat")
+    ivf = ["evaluation.index='IVF4,Flat'", "evaluation.index_parameters='nprobe=4'"]  # quoted for Hydra
+    approx = evaluate([*common, *ivf], tmp_path / "ivf")
+    assert "search" not in exact
+    search = json.loads((tmp_path / "ivf" / "metrics.json").read_text())["search"]
+    assert search == {
+        "index": "IVF4,Flat",
+        "parameters": "nprobe=4",
+        "k": 10,
+        "queries_checked": N_MATCHED + N_UNMATCHED,
+        "recall_at_k": 1.0,
+    }
+    assert approx["uAP"] == pytest.approx(exact["uAP"], abs=1e-6)
+    with pytest.raises(ValueError, match="evaluation.index=IVF4,Flat: approximate indexes serve global"):
+        evaluate([*common, ivf[0], "evaluation.scales=[64]"], tmp_path / "staged")
