@@ -421,19 +421,18 @@ def extract(
     result = _extract(
         model,
         paths,
-        scales,
-        ids,
-        views,
-        views_per_image,
-        batch_size,
-        num_workers,
-        device,
-        cache_dir,
-        shard_size,
-        name,
-        progress,
-        desc,
-        None,
+        scales=scales,
+        ids=ids,
+        views=views,
+        views_per_image=views_per_image,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        cache_dir=cache_dir,
+        shard_size=shard_size,
+        name=name,
+        progress=progress,
+        desc=desc,
     )
     assert result is not None
     return result
@@ -446,6 +445,20 @@ def extract_share(
     rank: int,
     world: int,
     cache_dir: str | os.PathLike[str],
+    **options: Any,
+) -> None:
+    """Process ``rank`` of ``world``'s share of :func:`extract` with the same ``options``: shards ``rank``,
+    ``rank + world``, ... computed into ``cache_dir`` (those already there and valid are kept). Once
+    every process is done, :func:`extract` reads the whole listing back without computing anything."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not one of the {world} processes")
+    _extract(model, paths, cache_dir=cache_dir, share=(rank, world), **options)
+
+
+def _extract(
+    model: nn.Module,
+    paths: Sequence[str | os.PathLike[str]],
+    *,
     scales: Sequence[int],
     ids: Sequence[str] | None = None,
     views: ViewsOf | Sequence[list[View]] = whole_image,
@@ -453,51 +466,12 @@ def extract_share(
     batch_size: int = 32,
     num_workers: int = 2,
     device: str | torch.device | None = "auto",
+    cache_dir: str | os.PathLike[str] | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     name: str | None = None,
     progress: bool = True,
     desc: str = "descriptors",
-) -> None:
-    """Process ``rank`` of ``world``'s share of :func:`extract` with the same arguments: shards ``rank``,
-    ``rank + world``, ... computed into ``cache_dir`` (those already there and valid are kept). Once
-    every process is done, :func:`extract` reads the whole listing back without computing anything."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not one of the {world} processes")
-    _extract(
-        model,
-        paths,
-        scales,
-        ids,
-        views,
-        views_per_image,
-        batch_size,
-        num_workers,
-        device,
-        cache_dir,
-        shard_size,
-        name,
-        progress,
-        desc,
-        (rank, world),
-    )
-
-
-def _extract(
-    model: nn.Module,
-    paths: Sequence[str | os.PathLike[str]],
-    scales: Sequence[int],
-    ids: Sequence[str] | None,
-    views: ViewsOf | Sequence[list[View]],
-    views_per_image: int,
-    batch_size: int,
-    num_workers: int,
-    device: str | torch.device | None,
-    cache_dir: str | os.PathLike[str] | None,
-    shard_size: int,
-    name: str | None,
-    progress: bool,
-    desc: str,
-    share: tuple[int, int] | None,
+    share: tuple[int, int] | None = None,
 ) -> ViewDescriptors | None:
     files = [Path(p) for p in paths]
     names = [p.stem for p in files] if ids is None else [str(i) for i in ids]

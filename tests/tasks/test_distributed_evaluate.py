@@ -90,13 +90,19 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def one_process(args: list[str], tmp_path: Path) -> Path:
+    """``task=evaluate`` in this process, one thread: the run folder the group's must equal."""
+    one = tmp_path / "one"
+    with one_thread():
+        tasks.evaluate(compose_cfg([*args, f"evaluation.cache_dir={tmp_path / 'cache-one'}"], one))
+    return one
+
+
 @pytest.mark.ddp
 @pytest.mark.timeout(600)
 def test_two_processes_give_the_figures_files_and_descriptors_of_one(benchmark: Path, tmp_path: Path) -> None:
     args = [f"dataset.root={benchmark}", *TINY]
-    one = tmp_path / "one"
-    with one_thread():
-        tasks.evaluate(compose_cfg([*args, f"evaluation.cache_dir={tmp_path / 'cache-one'}"], one))
+    one = one_process(args, tmp_path)
     two = tmp_path / "two"
     job = two_processes(args, two, tmp_path / "cache-two")
     output = job.communicate(timeout=500)[0].decode(errors="replace")
@@ -208,9 +214,7 @@ def test_a_killed_group_resumes_from_every_ranks_shards(benchmark: Path, tmp_pat
 def test_torchrun_gives_the_group_that_trainer_ddp_starts(benchmark: Path, tmp_path: Path) -> None:
     """README's torchrun command on one node: the figures, files and descriptors of one process."""
     args = [f"dataset.root={benchmark}", *TINY]
-    one = tmp_path / "one"
-    with one_thread():
-        tasks.evaluate(compose_cfg([*args, f"evaluation.cache_dir={tmp_path / 'cache-one'}"], one))
+    one = one_process(args, tmp_path)
     two = tmp_path / "two"
     torchrun = Path(sys.executable).with_name("torchrun")
     env = ddp_env()
