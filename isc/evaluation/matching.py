@@ -15,9 +15,16 @@ from typing import Any
 import numpy as np
 
 from isc.evaluation.metrics import evaluate
-from isc.evaluation.postprocess import PostProcessing, normalize_scores
+from isc.evaluation.postprocess import PostProcessing, fold_score_normalization, normalize_scores
 from isc.evaluation.results import EvaluationResult, StageResult
-from isc.evaluation.search import approximate_knn, knn, predictions_from_knn, recall_at_k
+from isc.evaluation.search import (
+    approximate_knn,
+    capped_range_search,
+    knn,
+    predictions_from_knn,
+    predictions_from_range,
+    recall_at_k,
+)
 from isc.evaluation.settings import EvaluationSettings
 from isc.formats.pairs import GroundTruth, Predictions
 
@@ -56,7 +63,12 @@ def _search(
     bias: np.ndarray | None = None,
     training: np.ndarray | None = None,
 ) -> tuple[Predictions, np.ndarray]:
-    """The capped predictions, and the neighbours' indices (nq, k) they came from."""
+    """The capped predictions, and the neighbours' indices (nq, k) they came from (``candidates=topk``)."""
+    if s.candidates == "range":  # score normalisation folded into the vectors: q'.r' = q.r - bias
+        q, r = (query, reference) if bias is None else fold_score_normalization(query, reference, bias)
+        qi, ri, sims_ = capped_range_search(q, r, s.max_results)
+        pairs = predictions_from_range(query_ids, reference_ids, qi, ri, sims_)
+        return pairs.top(s.max_predictions), np.zeros((len(query), 0), np.int64)
     sims, idx = _neighbours(query, reference, training, s)
     if bias is not None:
         sims = normalize_scores(sims, bias)

@@ -38,6 +38,7 @@ from isc.formats.pairs import Predictions
 __all__ = [
     "FAISS_GPU_MAX_K",
     "approximate_knn",
+    "capped_range_search",
     "faiss_gpu_available",
     "knn",
     "predictions_from_knn",
@@ -431,6 +432,46 @@ def range_search(
     similarity = np.concatenate(si).astype(np.float32, copy=False) if si else np.zeros(0, np.float32)
     keep = similarity >= thr  # defensive: the inclusive convention holds whatever faiss does
     query_index, database_index, similarity = query_index[keep], database_index[keep], similarity[keep]
+    order = np.lexsort((database_index, -similarity, query_index))
+    return query_index[order], database_index[order], similarity[order]
+
+
+def capped_range_search(
+    queries: ArrayLike,
+    database: ArrayLike,
+    max_results: int,
+    *,
+    block_size: int = 4096,
+    num_threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The official matching-track candidate rule: every pair above a threshold that rises while the
+    results come in, so that at most ``max_results`` pairs remain over all queries.
+
+    faiss's ``contrib.exhaustive_search.range_search_max_results`` (the ISC2021 scorer's; D2LV used it
+    with 1M results per model and search): once the results pass ``max_results`` the threshold is raised to
+    keep 80 % of them, and later blocks are searched above it. It starts at the ``max_results``-th
+    best score of each query's ``max_results / n_queries + 1`` nearest neighbours, a bound below the
+    final threshold, so no block returns much more than the cap. Exact, on the CPU index. Returns
+    :func:`range_search`'s arrays and order.
+    """
+    from faiss.contrib.exhaustive_search import range_search_max_results
+
+    if int(max_results) != max_results or max_results < 1:
+        raise ValueError(f"max_results must be a positive integer, got {max_results!r}")
+    block_size = _validate_block(block_size, "block_size")
+    q, db = _validate_pair(queries, database)
+    q, db = _to_numpy(q), _to_numpy(db)
+    per_query = min(len(db), int(max_results) // len(q) + 1)
+    sims, _ = knn(q, db, per_query, block_size=block_size, num_threads=num_threads)
+    best = np.sort(sims.ravel())[::-1]
+    start = float(best[min(int(max_results), len(best)) - 1])
+    radius = float(np.nextafter(np.float32(start), np.float32(-np.inf)))  # faiss keeps sim > radius
+    with _faiss_threads(num_threads):
+        index = _flat_ip_index(db, gpu_id=None)
+        blocks = (q[i : i + block_size] for i in range(0, len(q), block_size))
+        _, lims, dis, ids = range_search_max_results(index, blocks, radius, max_results=int(max_results))
+    query_index = np.repeat(np.arange(len(q), dtype=np.int64), np.diff(lims).astype(np.int64))
+    database_index, similarity = ids.astype(np.int64, copy=False), dis.astype(np.float32, copy=False)
     order = np.lexsort((database_index, -similarity, query_index))
     return query_index[order], database_index[order], similarity[order]
 

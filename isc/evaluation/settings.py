@@ -107,6 +107,8 @@ class EvaluationSettings:
     )
     index_parameters: str = ""  # faiss search parameters of an approximate index: "nprobe=64", "efSearch=128"
     recall_queries: int = 1000  # queries an approximate index is checked on against exact search
+    candidates: str = "topk"  # topk: each query's k nearest; range: the official rule, a global cap
+    max_results: int = 1_000_000  # candidates=range: pairs kept over all queries (D2LV: 1M; ISC scorer: 500k)
     k: int = 10
     whitening: Whitening = field(default_factory=Whitening)
     score_normalization: ScoreNormalization = field(default_factory=ScoreNormalization)
@@ -191,6 +193,15 @@ class EvaluationSettings:
             raise ValueError(f"evaluation.max_training must be >= 1 or null, got {self.max_training}")
         if self.shard_size < 1:
             raise ValueError(f"evaluation.shard_size must be >= 1, got {self.shard_size}")
+        if self.candidates not in ("topk", "range"):
+            raise ValueError(f"evaluation.candidates must be topk or range, got {self.candidates!r}")
+        if self.max_results < 1:
+            raise ValueError(f"evaluation.max_results must be >= 1, got {self.max_results}")
+        if self.candidates == "range" and (self.index != "Flat" or self.test_stage):
+            raise ValueError(
+                "evaluation.candidates=range is global matching's exact search: it takes evaluation.index=Flat "
+                "and no test stage (scales, local_verification, ensemble), whose views keep their top-k"
+            )
         if self.recall_queries < 0:
             raise ValueError(f"evaluation.recall_queries must be >= 0, got {self.recall_queries}")
         if not self.index.strip():

@@ -298,3 +298,27 @@ def test_a_bad_index_string_or_parameter_names_the_key() -> None:
         approximate_knn(x, x, 5, index="IVFX")
     with pytest.raises(ValueError, match="evaluation.index_parameters='nprobbe=4'"):
         approximate_knn(x, x, 5, index="IVF4,Flat", parameters="nprobbe=4")
+
+
+# --- the global cap (the official candidate rule) -------------------------------------------------
+
+
+def test_the_capped_range_search_keeps_the_best_pairs_over_all_queries() -> None:
+    """Against the full similarity matrix: the pairs kept are exactly those above the final threshold,
+    at most max_results of them and at least 80 % (faiss's rule once the cap is passed)."""
+    from isc.evaluation.search import capped_range_search
+
+    q, db = _clustered(300, 16, 3), _clustered(2000, 16, 4)
+    full = q @ db.T
+    for cap in (50, 5000, 200_000):
+        qi, di, sims = capped_range_search(q, db, cap, block_size=64)
+        assert len(sims) <= cap
+        threshold = sims.min()
+        above = np.argwhere(full >= threshold)
+        assert len(above) == len(sims) >= min(0.8 * cap, full.size * 0.5)
+        assert {tuple(p) for p in above} == set(zip(qi.tolist(), di.tolist(), strict=True))
+        np.testing.assert_allclose(sims, full[qi, di], atol=1e-5)
+        order = np.lexsort((di, -sims, qi))
+        assert (order == np.arange(len(order))).all()  # by query, then decreasing similarity
+    with pytest.raises(ValueError, match="max_results must be a positive integer"):
+        capped_range_search(q, db, 0)

@@ -253,3 +253,25 @@ def test_an_approximate_index_reports_its_recall_and_probing_all_lists_changes_n
     assert approx["uAP"] == pytest.approx(exact["uAP"], abs=1e-6)
     with pytest.raises(ValueError, match="evaluation.index=IVF4,Flat: approximate indexes serve global"):
         evaluate([*common, ivf[0], "evaluation.scales=[64]"], tmp_path / "staged")
+
+
+def test_the_global_cap_candidate_rule_scores_normalised_pairs_of_the_whole_run(
+    benchmark: Path, tmp_path: Path
+) -> None:
+    """``evaluation.candidates=range``: at most ``max_results`` pairs over all queries, each scored as
+    the top-k rule scores it (score normalisation folded into the vectors), the best ones kept."""
+    common = [f"dataset.root={benchmark}", "debug=default", "evaluation.score_normalization.k=2"]
+    evaluate(common, tmp_path / "topk")
+    capped = evaluate(
+        [*common, "evaluation.candidates=range", "evaluation.max_results=40"], tmp_path / "range"
+    )
+    topk, ranged = (read_predictions(tmp_path / d / "predictions.csv") for d in ("topk", "range"))
+    assert 0.8 * 40 <= len(ranged) <= 40 and capped["num_predictions"] == len(ranged)
+    by_pair = dict(zip(zip(topk.query_ids, topk.reference_ids, strict=True), topk.scores, strict=True))
+    common_pairs = [
+        (p, s)
+        for p, s in zip(zip(ranged.query_ids, ranged.reference_ids, strict=True), ranged.scores, strict=True)
+        if p in by_pair
+    ]
+    assert common_pairs and all(abs(by_pair[p] - s) < 1e-5 for p, s in common_pairs)
+    assert min(ranged.scores) >= sorted(topk.scores, reverse=True)[len(ranged) - 1] - 1e-5  # the best pairs
