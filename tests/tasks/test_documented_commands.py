@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -281,16 +282,23 @@ BENCH_QUICK = {  # the same scripts on toy sizes: these tests check that they ru
 
 def run_bench(script: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The script's ``main()`` with its command line, in this process: the imports (seconds a process)
-    are paid once for every bench. Thread settings a bench changes are put back."""
+    are paid once for every bench. What a bench changes in the process is put back: its CPU affinity
+    (bench_augment pins one core, which every later test and subprocess would inherit), environment and
+    thread counts."""
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     monkeypatch.setattr(sys, "argv", [script, *args])
-    module = importlib.import_module(Path(script).stem)
-    threads = torch.get_num_threads()
+    environ, threads, cv2_threads = dict(os.environ), torch.get_num_threads(), cv2.getNumThreads()
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     try:
-        module.main()
+        importlib.import_module(Path(script).stem).main()
     finally:
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
+        os.environ.clear()
+        os.environ.update(environ)
         torch.set_num_threads(threads)
+        cv2.setNumThreads(cv2_threads)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
