@@ -392,6 +392,14 @@ class Listing:
             "desc": self.desc,
         }
 
+    def extract(self, model: nn.Module, **engine: Any) -> ViewDescriptors:
+        """:func:`extract` of this listing with the engine's settings (batch size, device, cache, ...)."""
+        return extract(model, self.paths, **engine, **self.arguments())
+
+    def extract_share(self, model: nn.Module, *, rank: int, world: int, **engine: Any) -> None:
+        """:func:`extract_share` of this listing: process ``rank`` of ``world``'s shards of it."""
+        extract_share(model, self.paths, rank=rank, world=world, **engine, **self.arguments())
+
 
 def extract(
     model: nn.Module,

@@ -38,7 +38,7 @@ from isc.evaluation.aggregate import (
     merge_topk,
     view_penalty,
 )
-from isc.evaluation.extract import Listing, ViewDescriptors, ViewsOf, extract, extract_share, whole_image
+from isc.evaluation.extract import Listing, ViewDescriptors, ViewsOf, whole_image
 from isc.evaluation.matching import fit_postprocessing
 from isc.evaluation.metrics import evaluate
 from isc.evaluation.postprocess import l2_normalize
@@ -212,16 +212,10 @@ def share_test_stage(
         tag = f"model {m + 1}/{len(models)}: " if len(models) > 1 else ""
         plan = _Plan.of(paths, scales, views, s, tag)
         for listing in plan.listings():
-            extract_share(
-                model, listing.paths, rank=rank, world=world, **s.engine(cache_dir), **listing.arguments()
-            )
-        if m + 1 < len(models) and callable(
-            views
-        ):  # the views are a function of the image: the first model's
+            listing.extract_share(model, rank=rank, world=world, **s.engine(cache_dir))
+        if m + 1 < len(models) and callable(views):  # views found per image: the first model's, read back
             sync()
-            views = extract(
-                model, plan.queries.paths, **s.engine(cache_dir), **plan.queries.arguments()
-            ).views
+            views = plan.queries.extract(model, **s.engine(cache_dir)).views
 
 
 @dataclass(frozen=True)
@@ -323,7 +317,7 @@ def _search_model(
     plan = _Plan.of(paths, scales, views, s, tag)
 
     def run(listing: Listing) -> ViewDescriptors:
-        return extract(model, listing.paths, **s.engine(cache_dir), **listing.arguments())
+        return listing.extract(model, **s.engine(cache_dir))
 
     training = None
     if plan.training is not None:

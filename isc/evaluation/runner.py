@@ -25,7 +25,7 @@ from torch import nn
 
 from isc.data.images import Disc21Layout, SkippedImages, screen_decode, screen_quick
 from isc.evaluation.distributed import Ranks
-from isc.evaluation.extract import Listing, extract, extract_share
+from isc.evaluation.extract import Listing
 from isc.evaluation.inference import ConcatModel, run_test_stage, share_test_stage
 from isc.evaluation.matching import match_descriptors
 from isc.evaluation.postprocess import check_whitening_dim
@@ -270,14 +270,7 @@ def _share(
         share_test_stage(models, paths, s, cache_dir, ranks.rank, ranks.world, ranks.sync)
         return
     for listing in _global_listings(models[0], paths, s):
-        extract_share(
-            models[0],
-            listing.paths,
-            rank=ranks.rank,
-            world=ranks.world,
-            **s.engine(cache_dir),
-            **listing.arguments(),
-        )
+        listing.extract_share(models[0], rank=ranks.rank, world=ranks.world, **s.engine(cache_dir))
 
 
 def _global_listings(model: nn.Module, paths: dict[str, list[Path]], s: EvaluationSettings) -> list[Listing]:
@@ -304,7 +297,7 @@ def _global(
     ids: Splits = {}
     started = time.perf_counter()
     for split, listing in zip(paths, _global_listings(model, paths, s), strict=True):
-        d = extract(model, listing.paths, **s.engine(cache_dir), **listing.arguments())
+        d = listing.extract(model, **s.engine(cache_dir))
         vectors[split], ids[split] = d.vectors, d.ids
     n = sum(len(v) for v in ids.values())
     seconds = time.perf_counter() - started
