@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fresh_process import in_fresh_process  # noqa: E402
 
 from isc.evaluation import inference  # noqa: E402
-from isc.evaluation.extract import ViewDescriptors, whole_image  # noqa: E402
+from isc.evaluation.extract import Listing, ViewDescriptors, whole_image  # noqa: E402
 from isc.evaluation.search import Backend, knn  # noqa: E402
 from isc.evaluation.settings import (  # noqa: E402
     Ensemble,
@@ -197,7 +197,7 @@ class _Model(nn.Module):
 
 
 class SyntheticExtraction:
-    """Replaces ``extract`` inside ``isc.evaluation.inference``: seeded unit descriptors of the shape the
+    """Replaces :meth:`Listing.extract` (every extraction of the test stage): seeded unit descriptors of the shape the
     engine would return for each call of the test stage (training, query views, a reference block, its
     crops), timed as generation. It also tells the search timer whether the next searches are crop searches.
 
@@ -350,7 +350,9 @@ def run_stage(stage: str, args: Ns) -> StageResult:
         calls.append((held, top, after, int(np.count_nonzero(rows)), len(out.pairs)))
         return out
 
-    inference.extract = synthetic  # type: ignore[assignment]
+    Listing.extract = lambda listing, model, **engine: synthetic(  # type: ignore[method-assign]
+        model, listing.paths, **engine, **listing.arguments()
+    )
     inference._knn_into = timed_knn_into  # type: ignore[assignment]
     inference._stages = timed_stages  # type: ignore[assignment]
     inference._score = traced_score  # type: ignore[assignment]

@@ -19,6 +19,7 @@ import tasks.evaluation
 import tasks.generation
 from isc.data.images import ImageLoadError, find_images, list_images, screen_quick
 from isc.evaluation import runner
+from isc.evaluation.extract import Listing
 from isc.evaluation.runner import resolve_settings
 from isc.evaluation.settings import EvaluationSettings
 
@@ -40,7 +41,8 @@ def no_extraction(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(1)
         raise AssertionError("extraction started before the pre-pass error")
 
-    monkeypatch.setattr(runner, "extract", refuse)
+    monkeypatch.setattr(Listing, "extract", refuse)
+    monkeypatch.setattr(Listing, "extract_share", refuse)
     monkeypatch.setattr(runner, "run_test_stage", refuse)
     return calls
 
