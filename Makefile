@@ -6,12 +6,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
+# which faiss the venv gets: cpu (faiss-cpu) or gpu (faiss-gpu); `make venv FAISS=gpu` after `make clean`
+FAISS  ?= cpu
 
 .PHONY: venv run test test-all lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,$(FAISS)]'
 	@$(BIN)/python -c "import magic" 2>/dev/null || { echo "augly needs libmagic: apt-get install -y libmagic1 (Debian/Ubuntu) or brew install libmagic"; exit 1; }
 	touch $(STAMP)
 

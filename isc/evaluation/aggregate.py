@@ -164,6 +164,13 @@ class PairScores:
     def __len__(self) -> int:
         return len(self.score)
 
+    @classmethod
+    def concat(cls, parts: Sequence[PairScores]) -> PairScores:
+        if not parts:
+            z = np.zeros(0, dtype=np.int64)
+            return cls(z, z, np.zeros(0, dtype=np.float32), z)
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
     def top(self, n: int) -> PairScores:
         """The ``n`` best pairs overall (the official 500,000 cap), best first, ties by (query, reference)."""
         order = np.lexsort((self.reference, self.query, -self.score.astype(np.float64)))[:n]

@@ -297,7 +297,7 @@ def _knn_into(
     s: EvaluationSettings,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Search ``refs`` (whose global row numbers are ``rows``) and merge into the running top-k ``best``."""
-    sims, idx = knn(queries, refs, s.k, backend=s.search_backend, device=s.resolved_device)
+    sims, idx = knn(queries, refs, s.k, **s.search)
     idx = np.where(idx >= 0, rows[np.maximum(idx, 0)], -1)
     return merge_topk(*best, sims, idx, s.k)
 
@@ -468,13 +468,40 @@ def _score(
     seconds_per_query: float,
     ensemble: Ensemble | None = None,
 ) -> _Scored:
-    """Penalise, vote (ensembles), aggregate and cap the selected rows, then score them."""
-    c, lv = result.candidates, s.local_verification
+    """Penalise, vote (ensembles), aggregate and cap the selected rows, then score them.
+
+    Every step groups rows of one query, so queries are taken ``evaluation.query_block`` at a time: the
+    working set is one block's rows, not the stage's, and the result is the same (each block keeps its
+    best ``max_predictions`` pairs, which hold the best overall; ties break on ids either way)."""
+    c = result.candidates
     index = np.flatnonzero(rows)
+    query = c.query[index]
+    free = np.array([v.kind in s.local_verification.penalty_free for v in result.query_views])
+    parts = []
+    for lo in range(0, len(ids["queries"]), s.query_block):
+        block = index[(query >= lo) & (query < lo + s.query_block)]
+        parts.append(_aggregate(c, block, free if local else None, s, ensemble))
+    del query
+    pairs = PairScores.concat(parts).top(s.max_predictions)
+    q_ids, r_ids = np.asarray(ids["queries"]), np.asarray(ids["references"])
+    predictions = Predictions(q_ids[pairs.query], r_ids[pairs.reference], pairs.score)
+    metrics = evaluate(ground_truth, predictions) if ground_truth is not None else None
+    return _Scored(StageResult(name, predictions, metrics, seconds_per_query), pairs)
+
+
+def _aggregate(
+    c: Candidates,
+    index: np.ndarray,
+    penalty_free: np.ndarray | None,
+    s: EvaluationSettings,
+    ensemble: Ensemble | None,
+) -> PairScores:
+    """The best ``max_predictions`` pairs of the candidate rows ``index`` (whole queries); ``row`` of each
+    pair is its row of ``c``. ``penalty_free`` (per query view): penalise the local views' rows."""
+    lv = s.local_verification
     subset = c.take(index)
-    if local:
-        free = np.array([v.kind in lv.penalty_free for v in result.query_views])  # per view, not per row
-        penalty = view_penalty(free[subset.query_view], subset.reference_view, lv.penalty)
+    if penalty_free is not None:
+        penalty = view_penalty(penalty_free[subset.query_view], subset.reference_view, lv.penalty)
         subset = subset.with_scores(subset.score - penalty)
     if ensemble is not None and ensemble.rule == "vote":
         keep = keep_voted(subset, ensemble.min_votes, on=ensemble.vote_on)  # type: ignore[arg-type]
@@ -482,9 +509,5 @@ def _score(
         if ensemble.combine == "mean":
             subset, representative = mean_over_models(subset, on=ensemble.vote_on)  # type: ignore[arg-type]
             index = index[representative]
-    pairs = aggregate_pairs(subset, top=lv.top if local else 1).top(s.max_predictions)
-    pairs = dataclasses.replace(pairs, row=index[pairs.row])
-    q_ids, r_ids = np.asarray(ids["queries"]), np.asarray(ids["references"])
-    predictions = Predictions(q_ids[pairs.query], r_ids[pairs.reference], pairs.score)
-    metrics = evaluate(ground_truth, predictions) if ground_truth is not None else None
-    return _Scored(StageResult(name, predictions, metrics, seconds_per_query), pairs)
+    pairs = aggregate_pairs(subset, top=lv.top if penalty_free is not None else 1).top(s.max_predictions)
+    return dataclasses.replace(pairs, row=index[pairs.row])

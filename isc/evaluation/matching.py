@@ -39,8 +39,7 @@ def fit_postprocessing(training: np.ndarray | None, s: EvaluationSettings) -> Po
         eigen_power=s.whitening.eigen_power,
         beta=s.score_norm_beta,
         k=s.score_normalization.k,
-        backend=s.search_backend,
-        device=s.resolved_device,
+        search=s.search,
     )
 
 
@@ -48,7 +47,7 @@ def _neighbours(
     query: np.ndarray, reference: np.ndarray, training: np.ndarray | None, s: EvaluationSettings
 ) -> tuple[np.ndarray, np.ndarray]:
     if s.index == "Flat":
-        return knn(query, reference, s.k, backend=s.search_backend, device=s.resolved_device)
+        return knn(query, reference, s.k, **s.search)
     return approximate_knn(
         query, reference, s.k, index=s.index, training=training, parameters=s.index_parameters
     )
@@ -78,7 +77,7 @@ def _search(
 def _index_recall(q: np.ndarray, r: np.ndarray, found: np.ndarray, s: EvaluationSettings) -> dict[str, Any]:
     """An approximate index's recall@k against exact search, on the first ``recall_queries`` queries."""
     n = min(len(q), s.recall_queries)
-    _, exact = knn(q[:n], r, s.k, backend=s.search_backend, device=s.resolved_device)
+    _, exact = knn(q[:n], r, s.k, **s.search)
     return {
         "index": s.index,
         "parameters": s.index_parameters,

@@ -16,13 +16,15 @@ import contextlib
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from isc.evaluation.search import Backend, knn
+from isc.evaluation.search import knn
 
 __all__ = [
     "PCAWhitening",
@@ -235,19 +237,19 @@ def query_bias(
     k: int = 10,
     beta: float = 2.0,
     *,
-    backend: Backend = "faiss",
-    device: str | torch.device | None = None,
     block_size: int = 16384,
+    **search: Any,
 ) -> np.ndarray:
     """Per-query bias ``beta * mean(top-k q.t)`` over training descriptors t: (nq,) float32.
 
     Subtract it from every score of that query (:func:`normalize_scores`); ``training`` must be
-    post-processed like the references (same PCA-whitening and normalisation).
+    post-processed like the references (same PCA-whitening and normalisation). ``search``: the
+    arguments of :func:`isc.evaluation.search.knn` (backend, device, GPU placement).
     """
     n_train = training.shape[0]
     if k > n_train:
         raise ValueError(f"score normalisation k={k} exceeds the number of training descriptors ({n_train})")
-    sims, _ = knn(queries, training, k, backend=backend, device=device, block_size=block_size)
+    sims, _ = knn(queries, training, k, block_size=block_size, **search)
     return (beta * sims.astype(np.float64).mean(axis=1)).astype(np.float32)
 
 
@@ -323,8 +325,7 @@ class PostProcessing:
     training: np.ndarray | None = None  # applied training descriptors (score normalisation's reference set)
     beta: float | None = None
     k: int = 10
-    backend: Backend = "faiss"
-    device: str | torch.device | None = None
+    search: Mapping[str, Any] = field(default_factory=dict)  # knn's backend, device, GPU placement
 
     @classmethod
     def fit(
@@ -335,8 +336,7 @@ class PostProcessing:
         eigen_power: float = -0.5,
         beta: float | None = None,
         k: int = 10,
-        backend: Backend = "faiss",
-        device: str | torch.device | None = None,
+        search: Mapping[str, Any] | None = None,
     ) -> PostProcessing:
         """Fit PCA-whitening on the raw ``training`` descriptors (n, d) when ``whitening_dim`` is set."""
         if (whitening_dim or beta) and training is None:
@@ -345,7 +345,7 @@ class PostProcessing:
         if whitening_dim and training is not None:
             check_whitening_dim(whitening_dim, training.shape[1])
             whitening = PCAWhitening.fit(training, dim=whitening_dim, eigen_power=eigen_power)
-        post = cls(whitening, None, beta or None, k, backend, device)
+        post = cls(whitening, None, beta or None, k, dict(search or {}))
         if training is not None:
             post.training = post.apply(training)
         return post
@@ -359,6 +359,4 @@ class PostProcessing:
         """``beta * mean(top-k q.t)`` per applied query (nq,), or ``None`` without score normalisation."""
         if not self.beta or self.training is None:
             return None
-        return query_bias(
-            queries, self.training, k=self.k, beta=self.beta, backend=self.backend, device=self.device
-        )
+        return query_bias(queries, self.training, k=self.k, beta=self.beta, **self.search)

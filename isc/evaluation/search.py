@@ -2,9 +2,13 @@
 
 Two interchangeable backends give the same answers (up to float32 rounding and exact ties):
 
-- ``"faiss"``: ``faiss.IndexFlatIP``, moved to a GPU with ``faiss.index_cpu_to_gpu`` when the installed
-  faiss has GPU support and sees a GPU (faiss-cpu lacks those symbols, so they are looked up with
-  ``hasattr``). Range search always runs on the CPU index: faiss has no range search for GPU flat indexes.
+- ``"faiss"``: ``faiss.IndexFlatIP``, moved to the GPUs when the installed faiss has GPU support (the
+  ``gpu`` extra, faiss-gpu) and sees them: ``device="auto"`` or ``"cuda"`` takes every visible GPU, the
+  database replicated on each (queries split between them) or sharded over them (``gpu_shard``: each
+  holds 1/n of the rows, the results merged), stored in float16 when ``gpu_float16`` (half the memory;
+  scores then carry float16 rounding, about 1e-3); ``"cuda:N"`` takes GPU N alone. faiss-cpu lacks the
+  GPU symbols, so they are looked up with ``hasattr``. Range search always runs on the CPU index: faiss
+  has no range search for GPU flat indexes.
 - ``"torch"``: blocked matmul + ``torch.topk`` (or thresholding), on CUDA when available. Queries are
   processed ``block_size`` at a time and the database ``database_block_size`` rows at a time, so the
   similarity tile never exceeds ``block_size x database_block_size`` floats (1 GiB with the defaults).
@@ -29,11 +33,18 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, Literal
 
-import faiss
 import numpy as np
 import torch
 
 from isc.formats.pairs import Predictions
+
+try:
+    import faiss
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "faiss is not installed: pip install -e '.[cpu]' (faiss-cpu), or '.[gpu]' (faiss-gpu) on a machine "
+        "with CUDA GPUs"
+    ) from error
 
 __all__ = [
     "FAISS_GPU_MAX_K",
@@ -131,21 +142,22 @@ def faiss_gpu_available() -> bool:
     )
 
 
-def _faiss_gpu_id(device: str | torch.device | None) -> int | None:
-    """GPU id for the faiss backend, or None for CPU. ``None``/``"auto"`` pick GPU 0 when available."""
+def _faiss_gpus(device: str | torch.device | None) -> list[int]:
+    """GPU ids for the faiss backend, none for the CPU: every visible GPU for ``None``/``"auto"`` (when
+    faiss has GPU support) and ``"cuda"``, GPU N alone for ``"cuda:N"``."""
     if device is None or device == "auto":
-        return 0 if faiss_gpu_available() else None
+        return list(range(faiss.get_num_gpus())) if faiss_gpu_available() else []
     dev = torch.device(device)
     if dev.type == "cpu":
-        return None
+        return []
     if dev.type != "cuda":
         raise ValueError(f"faiss backend supports device 'cpu', 'cuda[:N]' or 'auto', got {device!r}")
     if not faiss_gpu_available():
         raise RuntimeError(
             f"device {device!r} was requested but this faiss build has no GPU support or sees no GPU "
-            "(install faiss-gpu, or use backend='torch' for GPU search)"
+            "(install the gpu extra, pip install -e '.[gpu]', or use backend='torch' for GPU search)"
         )
-    return dev.index or 0
+    return [dev.index] if dev.index is not None else list(range(faiss.get_num_gpus()))
 
 
 def _torch_device(device: str | torch.device | None) -> torch.device:
@@ -187,11 +199,20 @@ def _exact_float32_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def _flat_ip_index(database: np.ndarray, gpu_id: int | None) -> faiss.Index:
+def _flat_ip_index(database: np.ndarray, gpus: list[int], shard: bool, float16: bool) -> faiss.Index:
+    """An exact inner-product index of ``database`` on the CPU (no ``gpus``), on one GPU, or replicated or
+    sharded over several (``faiss.index_cpu_to_gpu_multiple_py`` with one cached resource per GPU)."""
     index: faiss.Index = faiss.IndexFlatIP(database.shape[1])
     index.add(database)
-    if gpu_id is not None:
-        index = faiss.index_cpu_to_gpu(_gpu_resources(gpu_id), gpu_id, index)
+    if len(gpus) == 1:
+        co = faiss.GpuClonerOptions()
+        co.useFloat16 = float16
+        index = faiss.index_cpu_to_gpu(_gpu_resources(gpus[0]), gpus[0], index, co)
+    elif gpus:
+        co = faiss.GpuMultipleClonerOptions()
+        co.shard, co.useFloat16 = shard, float16
+        resources = [_gpu_resources(g) for g in gpus]
+        index = faiss.index_cpu_to_gpu_multiple_py(resources, index, co, gpus)
     return index
 
 
@@ -206,14 +227,21 @@ def _sort_rows(similarities: np.ndarray, indices: np.ndarray) -> tuple[np.ndarra
 
 
 def _knn_faiss(
-    q: np.ndarray, db: np.ndarray, k: int, gpu_id: int | None, block_size: int, num_threads: int | None
+    q: np.ndarray,
+    db: np.ndarray,
+    k: int,
+    gpus: list[int],
+    block_size: int,
+    num_threads: int | None,
+    shard: bool = False,
+    float16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    if gpu_id is not None and k > FAISS_GPU_MAX_K:
-        gpu_id = None  # faiss GPU k-selection is limited; exact CPU search is the safe fallback
+    if k > FAISS_GPU_MAX_K:
+        gpus = []  # faiss GPU k-selection is limited; exact CPU search is the safe fallback
     sims = np.empty((len(q), k), dtype=np.float32)
     idx = np.empty((len(q), k), dtype=np.int64)
     with _faiss_threads(num_threads):
-        index = _flat_ip_index(db, gpu_id)
+        index = _flat_ip_index(db, gpus, shard, float16)
         for start in range(0, len(q), block_size):
             stop = min(start + block_size, len(q))
             sims[start:stop], idx[start:stop] = index.search(q[start:stop], k)
@@ -254,6 +282,8 @@ def knn(
     block_size: int = 16384,
     database_block_size: int = 16384,
     num_threads: int | None = None,
+    gpu_shard: bool = False,
+    gpu_float16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar database rows of each query by inner product.
 
@@ -265,6 +295,8 @@ def knn(
         block_size: queries per block (bounds memory and host/GPU transfers).
         database_block_size: database rows per similarity tile (torch backend only).
         num_threads: faiss OpenMP threads for this call only (``None`` keeps faiss's setting).
+        gpu_shard: faiss on several GPUs: shard the database over them instead of replicating it.
+        gpu_float16: faiss on GPUs: store the database in float16.
 
     Returns:
         similarities (nq, k) float32 sorted decreasingly (ties by database index) and indices (nq, k) int64.
@@ -278,8 +310,10 @@ def knn(
     q, db = _validate_pair(queries, database)
     k_found = min(k, db.shape[0])
     if backend == "faiss":
-        gpu_id = _faiss_gpu_id(device)
-        sims, idx = _knn_faiss(_to_numpy(q), _to_numpy(db), k_found, gpu_id, block_size, num_threads)
+        gpus = _faiss_gpus(device)
+        sims, idx = _knn_faiss(
+            _to_numpy(q), _to_numpy(db), k_found, gpus, block_size, num_threads, gpu_shard, gpu_float16
+        )
     else:
         db_t = _to_torch(db, _torch_device(device))
         sims, idx = _knn_torch(_to_torch(q), db_t, k_found, block_size, database_block_size)
@@ -368,7 +402,9 @@ def _range_faiss(
     radius = float(np.nextafter(threshold, np.float32(-np.inf)))
     qi, di, si = [], [], []
     with _faiss_threads(num_threads):
-        index = _flat_ip_index(db, gpu_id=None)  # no range search for GPU flat indexes in faiss
+        index = _flat_ip_index(
+            db, [], shard=False, float16=False
+        )  # no range search for GPU flat indexes in faiss
         for start in range(0, len(q), block_size):
             lims, sims, idx = index.range_search(q[start : start + block_size], radius)
             counts = np.diff(lims).astype(np.int64)
@@ -467,7 +503,7 @@ def capped_range_search(
     start = float(best[min(int(max_results), len(best)) - 1])
     radius = float(np.nextafter(np.float32(start), np.float32(-np.inf)))  # faiss keeps sim > radius
     with _faiss_threads(num_threads):
-        index = _flat_ip_index(db, gpu_id=None)
+        index = _flat_ip_index(db, [], shard=False, float16=False)
         blocks = (q[i : i + block_size] for i in range(0, len(q), block_size))
         _, lims, dis, ids = range_search_max_results(index, blocks, radius, max_results=int(max_results))
     query_index = np.repeat(np.arange(len(q), dtype=np.int64), np.diff(lims).astype(np.int64))

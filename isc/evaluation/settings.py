@@ -102,6 +102,8 @@ class EvaluationSettings:
     num_workers: int = 2
     device: str = "auto"
     search_backend: Backend = "faiss"
+    gpu_index: str = "replicate"  # faiss on several GPUs: replicate the database on each, or shard it
+    gpu_float16: bool = False  # faiss on GPUs: the database in float16 (half the memory, ~1e-3 rounding)
     index: str = (
         "Flat"  # a faiss index-factory string: Flat is exact, IVF/HNSW/PQ approximate (global matching)
     )
@@ -120,6 +122,7 @@ class EvaluationSettings:
     local_verification: LocalVerification = field(default_factory=LocalVerification)
     ensemble: Ensemble = field(default_factory=Ensemble)
     reference_block: int = 25_000
+    query_block: int = 5_000
     max_training: int | None = None
     cache_dir: Any = "auto"
     shard_size: int = 10_000
@@ -193,6 +196,8 @@ class EvaluationSettings:
             raise ValueError(f"evaluation.max_training must be >= 1 or null, got {self.max_training}")
         if self.shard_size < 1:
             raise ValueError(f"evaluation.shard_size must be >= 1, got {self.shard_size}")
+        if self.gpu_index not in ("replicate", "shard"):
+            raise ValueError(f"evaluation.gpu_index must be replicate or shard, got {self.gpu_index!r}")
         if self.candidates not in ("topk", "range"):
             raise ValueError(f"evaluation.candidates must be topk or range, got {self.candidates!r}")
         if self.max_results < 1:
@@ -213,6 +218,8 @@ class EvaluationSettings:
             )
         if self.reference_block < 1:
             raise ValueError(f"evaluation.reference_block must be >= 1, got {self.reference_block}")
+        if self.query_block < 1:
+            raise ValueError(f"evaluation.query_block must be >= 1, got {self.query_block}")
 
     @property
     def test_stage(self) -> bool:
@@ -234,8 +241,14 @@ class EvaluationSettings:
         return s.beta if s.enabled and s.beta else None
 
     @property
-    def resolved_device(self) -> str | None:
-        return None if self.device == "auto" else self.device
+    def search(self) -> dict[str, Any]:
+        """The exact search's keyword arguments (:func:`isc.evaluation.search.knn`): backend and device."""
+        return {
+            "backend": self.search_backend,
+            "device": None if self.device == "auto" else self.device,
+            "gpu_shard": self.gpu_index == "shard",
+            "gpu_float16": self.gpu_float16,
+        }
 
     def engine(self, cache_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
         """The extraction engine's keyword arguments (:func:`isc.evaluation.extract.extract`) for every

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -449,3 +450,38 @@ def test_the_test_stage_resumes_from_its_cache(full_run, tmp_path: Path) -> None
     assert 0 < len(calls) < n_forward
     _same_result(resumed, fresh)
     assert files() == names
+
+
+@pytest.mark.parametrize("combine", ["pool", "mean"])
+def test_aggregating_queries_in_blocks_changes_no_prediction(full_run, combine):
+    """Penalty, votes and the top-2 rule each group rows of one query, so query blocks of any size give
+    the unblocked stages exactly: same pairs, same order, same scores (the cap applied to each block
+    and again overall). Two models: the run's rows and a noisy copy missing every third row."""
+    from isc.evaluation.aggregate import Candidates
+    from isc.evaluation.inference import TestStageRows, _stages
+
+    result, _, ids, gt = full_run
+    c = result.rows.candidates
+    rng = np.random.default_rng(0)
+    other = c.take(np.flatnonzero(np.arange(len(c)) % 3 != 0))
+    other = dataclasses.replace(
+        other.with_scores(other.score + rng.normal(0, 0.01, len(other)).astype(np.float32)),
+        model=np.ones(len(other), dtype=np.int32),
+    )
+    rows = dataclasses.replace(result.rows, candidates=Candidates.concat([c, other]))
+    assert isinstance(rows, TestStageRows)
+    ensemble = {"models": ["a", "b"], "min_votes": 2, "combine": combine}
+    forward = np.ones((2, len(rows.scale_names)))
+
+    def stages(**changes):
+        s = _settings(ensemble=ensemble, max_predictions=40, **changes)
+        return [x.stage for x in _stages(rows, s, ids, gt, forward, 0.0)]
+
+    whole = stages(query_block=10**6)
+    assert [x.name for x in whole][-1] == "+ ensemble" and len(whole[-1].predictions) == 40
+    for size in (1, 3):
+        for a, b in zip(whole, stages(query_block=size), strict=True):
+            assert a.predictions.query_ids.tolist() == b.predictions.query_ids.tolist()
+            assert a.predictions.reference_ids.tolist() == b.predictions.reference_ids.tolist()
+            np.testing.assert_array_equal(a.predictions.scores, b.predictions.scores)
+            assert a.metrics.uAP == b.metrics.uAP

@@ -242,6 +242,80 @@ def test_gpu_paths_match_cpu(data):
     np.testing.assert_array_equal(got[1], ref[1])
 
 
+class _FakeGpuFaiss:
+    """faiss-gpu's cloning calls as a faiss-cpu build sees them: each records its arguments and hands
+    back the CPU index, so the placement logic runs (and is checked) on a machine with no GPU."""
+
+    def __init__(self, n_gpus: int) -> None:
+        self.n_gpus, self.calls = n_gpus, []  # type: ignore[var-annotated]
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import faiss
+
+        from isc.evaluation import search
+
+        class Options:
+            shard = useFloat16 = False
+
+        monkeypatch.setattr(search, "_GPU_RESOURCES", {})
+        for name, value in {
+            "StandardGpuResources": lambda: object(),
+            "GpuClonerOptions": Options,
+            "GpuMultipleClonerOptions": Options,
+            "get_num_gpus": lambda: self.n_gpus,
+            "index_cpu_to_gpu": self._one,
+            "index_cpu_to_gpu_multiple_py": self._many,
+        }.items():
+            monkeypatch.setattr(faiss, name, value, raising=False)
+
+    def _one(self, resources, gpu, index, co):
+        self.calls.append(("one", [gpu], co.useFloat16, None, resources))
+        return index
+
+    def _many(self, resources, index, co, gpus):
+        self.calls.append(("many", list(gpus), co.useFloat16, co.shard, resources))
+        return index
+
+
+@pytest.mark.parametrize(
+    ("device", "shard", "float16", "expected"),
+    [
+        ("auto", False, False, ("many", [0, 1, 2], False, False)),  # every visible GPU, replicated
+        ("cuda", True, False, ("many", [0, 1, 2], False, True)),  # sharded
+        ("cuda", False, True, ("many", [0, 1, 2], True, False)),  # float16 storage
+        ("cuda:1", True, True, ("one", [1], True, None)),  # one GPU: nothing to shard
+        ("cpu", True, True, None),
+    ],
+)
+def test_faiss_places_the_flat_index_on_every_visible_gpu(data, monkeypatch, device, shard, float16, expected):
+    q, db = data
+    cpu = knn(q, db, 10, backend="faiss", device="cpu")
+    fake = _FakeGpuFaiss(3)
+    fake.install(monkeypatch)
+    got = knn(q, db, 10, backend="faiss", device=device, gpu_shard=shard, gpu_float16=float16)
+    np.testing.assert_array_equal(got[1], cpu[1])
+    assert [c[:4] for c in fake.calls] == ([expected] if expected else [])
+    if expected:  # one resource object per GPU, made once and reused by the next search
+        knn(q, db, 10, backend="faiss", device=device, gpu_shard=shard, gpu_float16=float16)
+        first, again = ([c[4]] if c[0] == "one" else c[4] for c in fake.calls)
+        assert len({id(r) for r in first}) == len(expected[1])
+        assert all(a is b for a, b in zip(first, again, strict=True))
+    # k past faiss's GPU k-selection falls back to the CPU index
+    fake.calls.clear()
+    knn(q, np.concatenate([db, db]), 2049, backend="faiss", device=device)
+    assert fake.calls == []
+
+
+def test_settings_carry_the_gpu_placement_to_every_search():
+    from isc.evaluation.settings import EvaluationSettings
+
+    s = EvaluationSettings.from_dict({"gpu_index": "shard", "gpu_float16": True, "device": "cuda"})
+    assert s.search == {"backend": "faiss", "device": "cuda", "gpu_shard": True, "gpu_float16": True}
+    assert EvaluationSettings().search["device"] is None  # auto: every visible GPU when faiss has them
+    with pytest.raises(ValueError, match="evaluation.gpu_index must be replicate or shard"):
+        EvaluationSettings.from_dict({"gpu_index": "split"})
+
+
 def test_torch_backend_ignores_reduced_matmul_precision(data):
     q, db = data
     ref = knn(q, db, 5, backend="torch", device="cpu")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose_cfg
@@ -218,3 +219,59 @@ def test_misconfigured_runs_stop_before_any_work_with_the_setting_to_change(
     with pytest.raises(Exception, match=message):
         run.run_task(compose_cfg([*overrides, "dataset.name=never-built"], tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("trunk", ["resnet50", "efficientnet_lite0"])
+def test_onnx_export_runs_without_torch_and_matches(trunk: str, tmp_path: Path) -> None:
+    """task=export's ONNX file: onnxruntime in an interpreter where neither torch nor this project can be
+    imported gives the PyTorch model's descriptors (to 1e-5), for another batch size and input size."""
+    from isc.models import trunks
+    from isc.models.descriptor import DescriptorModel
+    from isc.models.heads import BNNeckHead
+    from isc.models.onnx_export import METADATA_KEY, save_onnx
+    from isc.models.pooling import GeM
+
+    torch.manual_seed(0)
+    body = getattr(trunks, trunk)()
+    model = DescriptorModel(
+        body, GeM(p=2.2, trainable=True), head=BNNeckHead(body.out_channels, [32], 16), image_size=40
+    ).eval()
+    path, how = save_onnx(model, tmp_path / "model.onnx", 40)
+    assert path is not None and how == "checked against PyTorch with onnxruntime"
+    images = torch.rand(5, 3, 64, 48)
+    np.save(tmp_path / "images.npy", images.numpy())
+    script = (
+        "import json, sys\n"
+        "for name in ('torch', 'isc', 'tasks'):\n"
+        "    sys.modules[name] = None  # importing any of them now fails\n"
+        "import numpy as np, onnx, onnxruntime\n"
+        f"session = onnxruntime.InferenceSession({str(path)!r}, providers=['CPUExecutionProvider'])\n"
+        f"out = session.run(None, {{'images': np.load({str(tmp_path / 'images.npy')!r})}})[0]\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, out)\n"
+        f"props = {{p.key: p.value for p in onnx.load({str(path)!r}).metadata_props}}\n"
+        f"print(json.loads(props[{METADATA_KEY!r}])['descriptor_dim'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["16"]
+    with torch.no_grad():
+        expected = model(images).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5, rtol=0)
+
+
+def test_an_onnx_export_that_fails_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from isc.models import trunks
+    from isc.models.descriptor import DescriptorModel
+    from isc.models.onnx_export import save_onnx
+    from isc.models.pooling import GeM
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported: ONNX export of operator foo")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    model = DescriptorModel(trunks.resnet50(), GeM(p=3.0), image_size=32).eval()
+    path, why = save_onnx(model, tmp_path / "model.onnx", 32)
+    assert path is None and "cannot handle this model" in why and "operator foo" in why
+    assert list(tmp_path.iterdir()) == []
