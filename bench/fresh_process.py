@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import forkserver, get_context
+from multiprocessing import forkserver, get_context, set_start_method
 from typing import Any
 
 _CONTEXT = get_context("forkserver")
@@ -22,7 +22,24 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any, preload: Sequence[str] 
     ``__main__``, when it runs as one) and ``preload`` when the first call starts it."""
     _start_server([fn.__module__, *preload])
     with ProcessPoolExecutor(max_workers=1, mp_context=_CONTEXT) as pool:
-        return pool.submit(fn, *args).result()
+        return pool.submit(_forking, fn, *args).result()
+
+
+def in_fresh_processes(
+    fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]], preload: Sequence[str] = ()
+) -> list[Any]:
+    """``fn(*args)`` for every ``args`` of ``calls``, each in its own new process, all at once."""
+    _start_server([fn.__module__, *preload])
+    with ProcessPoolExecutor(max_workers=len(calls), mp_context=_CONTEXT) as pool:
+        futures = [pool.submit(_forking, fn, *args) for args in calls]
+        return [f.result() for f in futures]
+
+
+def _forking(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with ``fork`` as the default start method: a child of the server inherits
+    ``forkserver``, and a DataLoader's workers would then each wait for a new server's imports."""
+    set_start_method("fork", force=True)
+    return fn(*args)
 
 
 def _start_server(preload: list[str]) -> None:

@@ -9,9 +9,11 @@ path (PCA-whitening fitted on training descriptors of each scale, score normalis
 measures each stage on the same extraction: ``global`` (first model, first scale, original views), ``+
 multi-scale``, ``+ local verification`` (query views), ``+ reference crops``, ``+ ensemble``.
 
-Memory: per model, the post-processed query views (n_query_views x scales x dim floats) and the training
-descriptors stay in memory; references are extracted and searched ``reference_block`` images at a time,
-each query view keeping its running top-k, so the reference set (19 crops each) never has to fit.
+Memory: per model, the post-processed query views (n_query_views x scales x dim floats) stay in memory;
+the training set (score normalisation's, D2LV: about 1M images) and the references are extracted and
+searched ``reference_block`` images at a time, each query view keeping its running top-k, so neither (nor
+the references' 19 crops each) has to fit; the whitening is fitted on a sample of the training set
+(``evaluation.whitening.samples``). The candidate rows are aggregated ``query_block`` queries at a time.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from isc.evaluation.aggregate import (
 from isc.evaluation.extract import Listing, ViewDescriptors, ViewsOf, whole_image
 from isc.evaluation.matching import fit_postprocessing
 from isc.evaluation.metrics import evaluate
-from isc.evaluation.postprocess import l2_normalize
+from isc.evaluation.postprocess import PostProcessing, bias_of_neighbours, l2_normalize
 from isc.evaluation.results import EvaluationResult, Evidence, StageResult
 from isc.evaluation.search import knn
 from isc.evaluation.settings import Ensemble, EvaluationSettings
@@ -227,10 +229,12 @@ class _Block:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What one model's pass extracts, in order: training, query views, then each reference block
-    (whole images, and their 18 crops when configured)."""
+    """What one model's pass extracts: the whitening's training sample (when the training set spans
+    several blocks), the query views, the training set and the references, ``evaluation.reference_block``
+    images at a time (references with their 18 crops when configured)."""
 
-    training: Listing | None
+    whitening: Listing | None
+    training: list[Listing]
     queries: Listing
     blocks: list[_Block]
 
@@ -243,15 +247,32 @@ class _Plan:
         s: EvaluationSettings,
         tag: str,
     ) -> _Plan:
-        training = None
-        if len(paths.get("training", ())):
-            training = Listing(paths["training"], scales, desc=f"{tag}training", name="training")
+        train, size = list(paths.get("training", ())), s.reference_block
+        training = [
+            Listing(
+                train[start : start + size],
+                scales,
+                name=f"training-{start:09d}",
+                desc=f"{tag}training {start}-{start + len(train[start : start + size])} of {len(train)}",
+            )
+            for start in range(0, len(train), size)
+        ]
+        whitening = None
+        if len(training) > 1 and s.whitening.enabled:  # one block holds its own sample
+            rows = s.whitening_sample(len(train))
+            sample = train if rows is None else [train[i] for i in rows]
+            whitening = Listing(
+                sample,
+                scales,
+                name="training-whitening",
+                desc=f"{tag}training: the whitening's {len(sample)}",
+            )
         per_image = 1 if views is whole_image else 20
         queries = Listing(paths["queries"], scales, views, per_image, "queries", f"{tag}queries")
         refs = list(paths["references"])
         blocks = []
-        for start in range(0, len(refs), s.reference_block):
-            block = refs[start : start + s.reference_block]
+        for start in range(0, len(refs), size):
+            block = refs[start : start + size]
             where = f"{tag}references {start}-{start + len(block)} of {len(refs)}"
             crops = None
             if s.local_verification.reference_crops:
@@ -268,11 +289,12 @@ class _Plan:
             blocks.append(
                 _Block(start, Listing(block, scales, name=f"references-{start:09d}", desc=where), crops)
             )
-        return cls(training, queries, blocks)
+        return cls(whitening, training, queries, blocks)
 
     def listings(self) -> list[Listing]:
-        first = [self.training] if self.training is not None else []
-        return [*first, self.queries, *(x for b in self.blocks for x in (b.whole, b.crops) if x is not None)]
+        first = [self.whitening] if self.whitening is not None else []
+        refs = [x for b in self.blocks for x in (b.whole, b.crops) if x is not None]
+        return [*first, *self.training, self.queries, *refs]
 
 
 @dataclass
@@ -295,11 +317,65 @@ def _knn_into(
     refs: np.ndarray,
     rows: np.ndarray,
     s: EvaluationSettings,
+    k: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Search ``refs`` (whose global row numbers are ``rows``) and merge into the running top-k ``best``."""
-    sims, idx = knn(queries, refs, s.k, **s.search)
+    """Search ``refs`` (whose global row numbers are ``rows``) and merge into the running top-k ``best``
+    (``k``: ``evaluation.k``, or score normalisation's)."""
+    k = k or s.k
+    sims, idx = knn(queries, refs, k, **s.search)
     idx = np.where(idx >= 0, rows[np.maximum(idx, 0)], -1)
-    return merge_topk(*best, sims, idx, s.k)
+    return merge_topk(*best, sims, idx, k)
+
+
+def _empty_topk(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+
+
+def _fit_whitening(
+    plan: _Plan, run: Callable[[Listing], ViewDescriptors], s: EvaluationSettings
+) -> tuple[list[PostProcessing] | None, list[np.ndarray] | None]:
+    """Each descriptor entry's post-processing, whitening fitted on the training sample (``None`` without
+    training images), and the raw entries of the training set when it is one block (searched next)."""
+    if plan.whitening is not None:
+        sample = _entries(run(plan.whitening).per_scale, s.multiscale)
+        return [fit_postprocessing(x, s, sampled=True) for x in sample], None
+    if not plan.training:
+        return None, None
+    raw = _entries(run(plan.training[0]).per_scale, s.multiscale)
+    rows = s.whitening_sample(len(raw[0]))
+    return [fit_postprocessing(x if rows is None else x[rows], s, sampled=True) for x in raw], raw
+
+
+def _score_normalisation(
+    plan: _Plan,
+    run: Callable[[Listing], ViewDescriptors],
+    post: list[PostProcessing],
+    queries: list[np.ndarray],
+    first_block: list[np.ndarray] | None,
+    s: EvaluationSettings,
+) -> tuple[list[np.ndarray | None], np.ndarray | None]:
+    """Each query view's bias against the whole training set, searched block by block as the references
+    are (each view keeps its running top-k), and the first entry's post-processed training descriptors."""
+    beta, k = s.score_norm_beta, s.score_normalization.k
+    if not plan.training:
+        return [None] * len(queries), None
+    tops = [_empty_topk(len(x), k) for x in queries]
+    kept, start = [], 0
+    for i, listing in enumerate(plan.training):
+        if i == 0 and first_block is not None:
+            raw, first_block = first_block, None
+        else:
+            raw = _entries(run(listing).per_scale, s.multiscale)
+        for e, (pp, x) in enumerate(zip(post, raw, strict=True)):
+            t = pp.apply(x)
+            if e == 0:
+                kept.append(t)
+            if beta:
+                tops[e] = _knn_into(tops[e], queries[e], t, start + np.arange(len(t)), s, k)
+        start += len(raw[0])
+        del raw
+    biases = [bias_of_neighbours(sims, beta) if beta else None for sims, _ in tops]
+    return biases, np.concatenate(kept)
 
 
 def _search_model(
@@ -319,27 +395,23 @@ def _search_model(
     def run(listing: Listing) -> ViewDescriptors:
         return listing.extract(model, **s.engine(cache_dir))
 
-    training = None
-    if plan.training is not None:
-        training = _entries(run(plan.training).per_scale, s.multiscale)
+    fitted, first_block = _fit_whitening(plan, run, s)
     q = run(plan.queries)
     q_entries = _entries(q.per_scale, s.multiscale)
-    post = [fit_postprocessing(training[e] if training else None, s) for e in range(len(q_entries))]
+    post = fitted or [fit_postprocessing(None, s) for _ in q_entries]
     queries = [pp.apply(x) for pp, x in zip(post, q_entries, strict=True)]
     n_entries = len(q_entries)
     del q_entries
     q.per_scale = []  # raw views are not needed past post-processing: free them before the reference loop
-    biases = [pp.bias(x) for pp, x in zip(post, queries, strict=True)]
+    biases, global_training = _score_normalisation(plan, run, post, queries, first_block, s)
+    del first_block
     t = q.model_seconds  # forward seconds per scale; a mean entry costs every scale
     forward = np.r_[t[0], t.sum()] if n_entries == 2 and s.multiscale == "mean" else t[:n_entries]
     original = np.flatnonzero([v.kind == "original" for views in q.views for v in views])
     n_views = len(q.owner)
 
-    def empty(n: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.full((n, s.k), -np.inf, np.float32), np.full((n, s.k), -1, np.int64)
-
-    whole = [empty(n_views) for _ in queries]
-    crops = empty(len(original))
+    whole = [_empty_topk(n_views, s.k) for _ in queries]
+    crops = _empty_topk(len(original), s.k)
     ref_tables: list[np.ndarray] = []  # (image, crop index) of every reference row searched
     sizes: list[tuple[int, int]] = []
     global_refs: list[np.ndarray] = []
@@ -396,7 +468,7 @@ def _search_model(
         q.view_seconds,
         queries[0][original],
         np.concatenate(global_refs),
-        post[0].training,
+        global_training,
     )
 
 

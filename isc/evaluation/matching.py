@@ -31,8 +31,13 @@ from isc.formats.pairs import GroundTruth, Predictions
 __all__ = ["fit_postprocessing", "match_descriptors"]
 
 
-def fit_postprocessing(training: np.ndarray | None, s: EvaluationSettings) -> PostProcessing:
-    """The run's post-processing (``evaluation.whitening`` / ``score_normalization``) fitted on ``training``."""
+def fit_postprocessing(
+    training: np.ndarray | None, s: EvaluationSettings, *, sampled: bool = False
+) -> PostProcessing:
+    """The run's post-processing (``evaluation.whitening`` / ``score_normalization``) fitted on ``training``:
+    every training descriptor (the whitening on its ``evaluation.whitening.samples`` sample), or with
+    ``sampled`` only the sample's, which the whitening is fitted on whole and nothing is kept of."""
+    rows = None if sampled or training is None else s.whitening_sample(len(training))
     return PostProcessing.fit(
         training,
         whitening_dim=s.whitening_dim,
@@ -40,6 +45,8 @@ def fit_postprocessing(training: np.ndarray | None, s: EvaluationSettings) -> Po
         beta=s.score_norm_beta,
         k=s.score_normalization.k,
         search=s.search,
+        whitening_rows=rows,
+        keep_training=not sampled,
     )
 
 

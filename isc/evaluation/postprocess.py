@@ -250,7 +250,13 @@ def query_bias(
     if k > n_train:
         raise ValueError(f"score normalisation k={k} exceeds the number of training descriptors ({n_train})")
     sims, _ = knn(queries, training, k, block_size=block_size, **search)
-    return (beta * sims.astype(np.float64).mean(axis=1)).astype(np.float32)
+    return bias_of_neighbours(sims, beta)
+
+
+def bias_of_neighbours(similarities: np.ndarray, beta: float) -> np.ndarray:
+    """``beta * mean`` of each query's (nq, k) top-k training similarities, best first: (nq,) float32. One
+    formula for the bias of a single search and of a search merged over training blocks."""
+    return (beta * similarities.astype(np.float64).mean(axis=1)).astype(np.float32)
 
 
 def normalize_scores(
@@ -337,16 +343,21 @@ class PostProcessing:
         beta: float | None = None,
         k: int = 10,
         search: Mapping[str, Any] | None = None,
+        whitening_rows: np.ndarray | None = None,
+        keep_training: bool = True,
     ) -> PostProcessing:
-        """Fit PCA-whitening on the raw ``training`` descriptors (n, d) when ``whitening_dim`` is set."""
+        """Fit PCA-whitening on the raw ``training`` descriptors (n, d) when ``whitening_dim`` is set: on
+        its rows ``whitening_rows`` (a sample), or on all. ``keep_training=False``: keep no applied copy
+        (the caller computes the score normalisation itself, block by block; :meth:`bias` is then None)."""
         if (whitening_dim or beta) and training is None:
             raise ValueError("whitening and score normalisation need training descriptors")
         whitening = None
         if whitening_dim and training is not None:
             check_whitening_dim(whitening_dim, training.shape[1])
-            whitening = PCAWhitening.fit(training, dim=whitening_dim, eigen_power=eigen_power)
+            sample = training if whitening_rows is None else training[whitening_rows]
+            whitening = PCAWhitening.fit(sample, dim=whitening_dim, eigen_power=eigen_power)
         post = cls(whitening, None, beta or None, k, dict(search or {}))
-        if training is not None:
+        if training is not None and keep_training:
             post.training = post.apply(training)
         return post
 

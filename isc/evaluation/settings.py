@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from isc.evaluation.search import Backend
 from isc.evaluation.views import QueryViews
 
@@ -33,11 +35,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Whitening:
-    """PCA-whitening fitted on the training descriptors (D2LV: 256 dims, eigen power -0.5)."""
+    """PCA-whitening fitted on the training descriptors (D2LV: 256 dims, eigen power -0.5).
+
+    ``samples``: fit on that many training images drawn as D2LV draws them (``np.random.RandomState(seed)
+    .choice(n, samples, replace=False)``, seed ``Test/final/V5_baseline_CC/extract_features.py:181-184``),
+    in index order; ``None``: on every training image.
+    """
 
     enabled: bool = False
     dim: int = 256
     eigen_power: float = -0.5
+    samples: int | None = None
+    seed: int = 123
 
 
 @dataclass(frozen=True)
@@ -192,6 +201,10 @@ class EvaluationSettings:
                 f"evaluation.ensemble.min_votes={e.min_votes} must be between 1 and the "
                 f"{len(e.models)} models of evaluation.ensemble.models"
             )
+        if self.whitening.samples is not None and self.whitening.samples < 1:
+            raise ValueError(
+                f"evaluation.whitening.samples must be >= 1 or null, got {self.whitening.samples}"
+            )
         if self.max_training is not None and self.max_training < 1:
             raise ValueError(f"evaluation.max_training must be >= 1 or null, got {self.max_training}")
         if self.shard_size < 1:
@@ -279,10 +292,11 @@ class EvaluationSettings:
                     s, score_normalization=dataclasses.replace(s.score_normalization, enabled=False)
                 )
             return s
-        if s.whitening.enabled and s.whitening.dim > num_training:
+        fitted_on = min(num_training, s.whitening.samples or num_training)
+        if s.whitening.enabled and s.whitening.dim > fitted_on:
             raise ValueError(
-                f"evaluation.whitening.dim={s.whitening.dim} exceeds the {num_training} training images "
-                "the PCA is fitted on: lower it or add training images"
+                f"evaluation.whitening.dim={s.whitening.dim} exceeds the {fitted_on} training images "
+                "the PCA is fitted on: lower it, or raise evaluation.whitening.samples or add training images"
             )
         if s.score_norm_beta and s.score_normalization.k > num_training:
             raise ValueError(
@@ -290,6 +304,13 @@ class EvaluationSettings:
                 "training images: lower it"
             )
         return s
+
+    def whitening_sample(self, num_training: int) -> np.ndarray | None:
+        """The training rows the PCA is fitted on (increasing), or ``None`` for all of them."""
+        n = self.whitening.samples
+        if not self.whitening.enabled or n is None or n >= num_training:
+            return None
+        return np.sort(np.random.RandomState(self.whitening.seed).choice(num_training, size=n, replace=False))
 
     def describe(self) -> str:
         """The post-processing in words, for the printed headline."""

@@ -432,7 +432,8 @@ def test_the_test_stage_resumes_from_its_cache(full_run, tmp_path: Path) -> None
     first = run_test_stage([model], paths, ids, settings, gt, cache_dir=cache)
     assert len(calls) == n_forward  # a cold cache computes everything once
     names = files()
-    assert names[:2] == ["queries", "references-000000000"] and "training" in names
+    assert names[:2] == ["queries", "references-000000000"]
+    assert "training-000000000" in names and "training-000000003" in names  # 6 images, blocks of 3
     assert "references-000000003-crops" in names
     _same_result(first, fresh)
 
@@ -485,3 +486,38 @@ def test_aggregating_queries_in_blocks_changes_no_prediction(full_run, combine):
             assert a.predictions.reference_ids.tolist() == b.predictions.reference_ids.tolist()
             np.testing.assert_array_equal(a.predictions.scores, b.predictions.scores)
             assert a.metrics.uAP == b.metrics.uAP
+
+
+def test_training_in_blocks_with_a_whitening_sample_gives_the_one_block_result(full_run):
+    """Score normalisation searches the training set block by block (each query view's running top-k),
+    and the whitening is fitted on its sample, extracted on its own when the training set spans several
+    blocks: the same figures as the whole training set in one block."""
+    result, paths, ids, gt = full_run
+    whitening = {"enabled": True, "dim": 3, "samples": 5}
+    one = run_test_stage([_model()], paths, ids, _settings(whitening=whitening), gt)
+    blocked = run_test_stage([_model()], paths, ids, _settings(whitening=whitening, reference_block=2), gt)
+    assert len(paths["training"]) == 6
+    for a, b in zip(one.stages, blocked.stages, strict=True):
+        assert a.metrics.uAP == pytest.approx(b.metrics.uAP, abs=1e-6)
+        assert sorted(zip(a.predictions.query_ids, a.predictions.reference_ids, strict=True)) == sorted(
+            zip(b.predictions.query_ids, b.predictions.reference_ids, strict=True)
+        )
+        np.testing.assert_allclose(np.sort(a.predictions.scores), np.sort(b.predictions.scores), atol=1e-5)
+    np.testing.assert_allclose(one.training, blocked.training, atol=1e-5)
+    assert one.training.shape == (6, 3)
+    # the whitening changed the figures: the sample was used, not ignored
+    whitened, plain = np.sort(one.final.predictions.scores), np.sort(result.final.predictions.scores)
+    assert len(whitened) != len(plain) or not np.allclose(whitened, plain)
+
+
+def test_the_whitening_sample_is_the_seeds_draw():
+    """D2LV draws ``RandomState(123).choice(n, size, replace=False)``, which is the first ``size`` of
+    ``RandomState(123).permutation(n)``; the sample is those rows in index order."""
+    s = _settings(whitening={"enabled": True, "dim": 3, "samples": 4})
+    np.testing.assert_array_equal(
+        s.whitening_sample(10), np.sort(np.random.RandomState(123).permutation(10)[:4])
+    )
+    assert s.whitening_sample(4) is None  # as many as there are: all of them
+    assert _settings(whitening={"enabled": True, "dim": 3, "samples": None}).whitening_sample(10) is None
+    with pytest.raises(ValueError, match="exceeds the 2 training images the PCA is fitted on"):
+        _settings(whitening={"enabled": True, "dim": 3, "samples": 2}).for_training_set(10)

@@ -287,7 +287,9 @@ class _FakeGpuFaiss:
         ("cpu", True, True, None),
     ],
 )
-def test_faiss_places_the_flat_index_on_every_visible_gpu(data, monkeypatch, device, shard, float16, expected):
+def test_faiss_places_the_flat_index_on_every_visible_gpu(
+    data, monkeypatch, device, shard, float16, expected
+):
     q, db = data
     cpu = knn(q, db, 10, backend="faiss", device="cpu")
     fake = _FakeGpuFaiss(3)

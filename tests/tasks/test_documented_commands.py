@@ -275,6 +275,40 @@ BENCH_QUICK = {  # the same scripts on toy sizes: these tests check that they ru
     ],
     "bench_pretrain.py": ["--size", "32", "--batch", "2", "--steps", "1"],
     "bench_prepass.py": ["--images", "20", "--size", "64x48"],
+    "bench_distributed.py": [
+        "--images",
+        "16",
+        "--shard",
+        "4",
+        "--batch",
+        "4",
+        "--size",
+        "64",
+        "--rounds",
+        "1",
+    ],
+    "bench_aggregate.py": [
+        "--queries",
+        "100",
+        "--full-queries",
+        "200",
+        "--references",
+        "2000",
+        "--query-block",
+        "30",
+    ],
+    "bench_gpu.py": [
+        "--images",
+        "16",
+        "--batch",
+        "8",
+        "--rounds",
+        "1",
+        "--queries",
+        "500",
+        "--database",
+        "5000",
+    ],
     "bench_extract.py": ["--images", "8", "--batch", "4", "--size", "64", "--rounds", "1"],
     "bench_scale.py": ["--quick", "--references", "2000,4000", "--queries", "500"],  # after any sizes shown
 }
@@ -308,6 +342,10 @@ def test_documented_command_runs(
     monkeypatch.setenv("ISC_CACHE_DIR", world["cache"])
     words = shlex.split(substitute(command, world))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if words[1] == "bench/bench_gpu.py" and not torch.cuda.is_available():  # the GPU figures' script
+        with pytest.raises(SystemExit, match="bench_gpu needs a CUDA GPU"):
+            run_bench(words[1], words[2:], monkeypatch)
+        return
     if words[1].startswith("bench/"):
         run_bench(words[1], [*words[2:], *BENCH_QUICK[Path(words[1]).name]], monkeypatch)
         return
