@@ -706,15 +706,6 @@ def print_extrapolation(args: Ns, series: dict[str, list[PhaseResult]]) -> None:
         if name in series and len(series[name]) > 1:
             slope = _fit([r.references for r in series[name]], [r.peak_mb for r in series[name]])[1]
             print(f"  {name}: {what} copies modelled, {slope * MB / d4:.2f} measured")
-    n, nlist, gpus, code = n_full, 4096, 8, 64
-    flat = n * d4
-    print(
-        f"  search-index memory at {n:,} x {args.dim} d (arithmetic): exact IndexFlatIP {flat / MB:,.0f} MB "
-        f"(held once more as the index's copy); sharded over {gpus} GPUs (index_cpu_to_all_gpus, shard=True) "
-        f"{flat / gpus / MB:,.0f} MB a GPU; IndexIVFFlat (nlist {nlist:,}: vectors + 8 B ids + centroids) "
-        f"{(flat + n * 8 + nlist * d4) / MB:,.0f} MB; IndexIVFPQ ({code} B codes + 8 B ids + centroids + "
-        f"codebooks) {(n * (code + 8) + nlist * d4 + 256 * d4) / MB:,.0f} MB"
-    )
 
 
 def print_block(args: Ns, block: PhaseResult) -> None:

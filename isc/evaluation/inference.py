@@ -43,9 +43,14 @@ from isc.evaluation.aggregate import (
 from isc.evaluation.extract import Listing, ViewDescriptors, ViewsOf, whole_image
 from isc.evaluation.matching import fit_postprocessing
 from isc.evaluation.metrics import evaluate
-from isc.evaluation.postprocess import PostProcessing, bias_of_neighbours, l2_normalize
+from isc.evaluation.postprocess import (
+    PostProcessing,
+    bias_of_neighbours,
+    fold_score_normalization,
+    l2_normalize,
+)
 from isc.evaluation.results import EvaluationResult, Evidence, StageResult
-from isc.evaluation.search import knn
+from isc.evaluation.search import CappedRange, knn
 from isc.evaluation.settings import Ensemble, EvaluationSettings
 from isc.evaluation.views import View, query_views, reference_views
 from isc.formats.pairs import GroundTruth, Predictions
@@ -327,6 +332,48 @@ def _knn_into(
     return merge_topk(*best, sims, idx, k)
 
 
+class _TopK:
+    """``evaluation.candidates=topk``: each query view's ``k`` best reference rows over the blocks,
+    scores score-normalised at the end (minus the view's ``bias``)."""
+
+    def __init__(self, queries: np.ndarray, bias: np.ndarray | None, s: EvaluationSettings) -> None:
+        self.queries, self.bias, self.s = queries, bias, s
+        self.best = _empty_topk(len(queries), s.k)
+
+    def add(self, refs: np.ndarray, rows: np.ndarray) -> None:
+        self.best = _knn_into(self.best, self.queries, refs, rows, self.s)
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query view, reference row, score) of every neighbour found."""
+        sims, idx = self.best
+        if self.bias is not None:
+            sims = sims - self.bias[:, None]
+        view, j = np.nonzero(idx >= 0)
+        return view, idx[view, j], sims[view, j]
+
+
+class _Range:
+    """``evaluation.candidates=range``: the official rule over the blocks, at most ``max_results`` pairs a
+    model and search (D2LV: 1M), on score-normalised scores (the bias folded into the vectors)."""
+
+    def __init__(self, queries: np.ndarray, bias: np.ndarray | None, s: EvaluationSettings) -> None:
+        self.bias = bias
+        folded = queries if bias is None else fold_score_normalization(queries, queries[:0], bias)[0]
+        self.capped = CappedRange(folded, s.max_results, **s.search)
+
+    def add(self, refs: np.ndarray, rows: np.ndarray) -> None:
+        if self.bias is not None:
+            refs = fold_score_normalization(refs[:0], refs, self.bias[:0])[1]
+        self.capped.add(refs, rows)
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.capped.result()
+
+
+def _searcher(queries: np.ndarray, bias: np.ndarray | None, s: EvaluationSettings) -> _TopK | _Range:
+    return _TopK(queries, bias, s) if s.candidates == "topk" else _Range(queries, bias, s)
+
+
 def _empty_topk(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
 
@@ -410,8 +457,8 @@ def _search_model(
     original = np.flatnonzero([v.kind == "original" for views in q.views for v in views])
     n_views = len(q.owner)
 
-    whole = [_empty_topk(n_views, s.k) for _ in queries]
-    crops = _empty_topk(len(original), s.k)
+    whole = [_searcher(x, bias, s) for x, bias in zip(queries, biases, strict=True)]
+    crops = _searcher(queries[0][original], None if biases[0] is None else biases[0][original], s)
     ref_tables: list[np.ndarray] = []  # (image, crop index) of every reference row searched
     sizes: list[tuple[int, int]] = []
     global_refs: list[np.ndarray] = []
@@ -427,39 +474,35 @@ def _search_model(
             ref = pp.apply(x)
             if e == 0:
                 global_refs.append(ref)
-            whole[e] = _knn_into(whole[e], queries[e], ref, rows, s)
+            whole[e].add(ref, rows)
         if block.crops is not None:
             rc = run(block.crops)
             crop_index = np.concatenate([np.arange(1, len(v) + 1) for v in rc.views])
             crop_rows = n_ref_views + np.arange(len(crop_index))
             ref_tables.append(np.stack([rc.owner + start, crop_index], axis=1))
             n_ref_views += len(crop_index)
-            ref = np.concatenate([global_refs[-1], post[0].apply(rc.per_scale[0])])
-            crops = _knn_into(crops, queries[0][original], ref, np.r_[rows, crop_rows], s)
+            crops.add(
+                np.concatenate([global_refs[-1], post[0].apply(rc.per_scale[0])]), np.r_[rows, crop_rows]
+            )
     ref_table = np.concatenate(ref_tables).astype(np.int32)  # (n_reference_views, 2): image, crop index
-    searches = [(e, sims, idx, np.arange(n_views)) for e, (sims, idx) in enumerate(whole)]
+    searches = [(e, *search.pairs(), np.arange(n_views)) for e, search in enumerate(whole)]
     if lv.reference_crops:
         # whole references found here are already in the first search: keep the crops' rows only
-        sims, idx = crops
-        searches.append((0, sims, np.where(ref_table[np.maximum(idx, 0), 1] > 0, idx, -1), original))
-    candidates = []
-    for e, sims, idx, view_rows in searches:
-        bias = biases[e]
-        if bias is not None:
-            sims = sims - bias[view_rows][:, None]
-        i, j = np.nonzero(idx >= 0)
-        hit = idx[i, j]
-        candidates.append(
-            Candidates(
-                query=q.owner[view_rows[i]],
-                reference=ref_table[hit, 0],
-                score=sims[i, j],
-                query_view=view_rows[i],
-                reference_view=ref_table[hit, 1],
-                scale=np.full(len(i), e),
-                model=np.full(len(i), m),
-            )
+        view, hit, score = crops.pairs()
+        keep = ref_table[hit, 1] > 0
+        searches.append((0, view[keep], hit[keep], score[keep], original))
+    candidates = [
+        Candidates(
+            query=q.owner[view_rows[view]],
+            reference=ref_table[hit, 0],
+            score=score,
+            query_view=view_rows[view],
+            reference_view=ref_table[hit, 1],
+            scale=np.full(len(view), e),
+            model=np.full(len(view), m),
         )
+        for e, view, hit, score, view_rows in searches
+    ]
     return _ModelPass(
         candidates,
         q.views,

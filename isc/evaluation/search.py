@@ -48,6 +48,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "FAISS_GPU_MAX_K",
+    "CappedRange",
     "approximate_knn",
     "capped_range_search",
     "faiss_gpu_available",
@@ -510,6 +511,65 @@ def capped_range_search(
     database_index, similarity = ids.astype(np.int64, copy=False), dis.astype(np.float32, copy=False)
     order = np.lexsort((database_index, -similarity, query_index))
     return query_index[order], database_index[order], similarity[order]
+
+
+class CappedRange:
+    """:func:`capped_range_search`'s rule over a database that comes in blocks (the test stage's
+    reference blocks): each block is searched above the current threshold; once the pairs kept pass
+    ``max_results`` the threshold rises so that 80 % of ``max_results`` remain (faiss's ``apply_maxres``),
+    and later blocks are searched above it. Until ``max_results`` real pairs have been seen the
+    threshold is the ``max_results``-th best score of each block's few nearest neighbours (a bound below
+    the final one), so a block never returns much more than the cap. The result: every pair scoring above
+    a threshold, at most ``max_results`` of them. ``search``: :func:`range_search`'s and :func:`knn`'s
+    backend and device."""
+
+    def __init__(self, queries: np.ndarray, max_results: int, **search: Any) -> None:
+        if int(max_results) != max_results or max_results < 1:
+            raise ValueError(f"max_results must be a positive integer, got {max_results!r}")
+        self.queries, self.max_results, self.search = queries, int(max_results), search
+        self.keep = int(0.8 * self.max_results)
+        self.radius = -np.inf  # pairs kept score > radius
+        self.pool = np.zeros(0, np.float32)  # nearest-neighbour scores seen while the bound is unset
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.total = 0
+
+    def add(self, block: np.ndarray, rows: np.ndarray) -> None:
+        """Search ``block`` (database rows whose global numbers are ``rows``)."""
+        if len(block) == 0:
+            return
+        if self.radius == -np.inf:
+            per_query = min(len(block), self.max_results // len(self.queries) + 1)
+            sims, _ = knn(self.queries, block, per_query, **self.search)
+            self.pool = np.sort(np.concatenate([self.pool, sims.ravel()]))[::-1][: self.max_results]
+            if len(self.pool) == self.max_results:
+                self.radius = float(np.nextafter(self.pool[-1], np.float32(-np.inf)))
+        if self.radius == -np.inf:  # every pair: a finite threshold below any inner product of the two
+            norms = np.linalg.norm(self.queries, axis=1).max() * np.linalg.norm(block, axis=1).max()
+            above = -float(norms) - 1.0
+        else:
+            above = float(np.nextafter(np.float32(self.radius), np.float32(np.inf)))
+        qi, di, sim = range_search(self.queries, block, above, **self._range_options())
+        self.parts.append((qi, rows[di], sim))
+        self.total += len(sim)
+        if self.total > self.max_results:
+            scores = np.concatenate([p[2] for p in self.parts])
+            self.radius = float(
+                np.partition(scores, len(scores) - self.keep - 1)[len(scores) - self.keep - 1]
+            )
+            self.parts = [(q[m], d[m], x[m]) for q, d, x in self.parts for m in [x > self.radius]]
+            self.total = sum(len(p[2]) for p in self.parts)
+
+    def _range_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.search.items() if k in ("backend", "device", "num_threads")}
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query index, database row, similarity) of every pair kept, by query, then best first."""
+        if not self.parts:
+            z = np.zeros(0, np.int64)
+            return z, z, np.zeros(0, np.float32)
+        qi, di, sim = (np.concatenate(c) for c in zip(*self.parts, strict=True))
+        order = np.lexsort((di, -sim, qi))
+        return qi[order], di[order], sim[order]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -215,11 +215,8 @@ class EvaluationSettings:
             raise ValueError(f"evaluation.candidates must be topk or range, got {self.candidates!r}")
         if self.max_results < 1:
             raise ValueError(f"evaluation.max_results must be >= 1, got {self.max_results}")
-        if self.candidates == "range" and (self.index != "Flat" or self.test_stage):
-            raise ValueError(
-                "evaluation.candidates=range is global matching's exact search: it takes evaluation.index=Flat "
-                "and no test stage (scales, local_verification, ensemble), whose views keep their top-k"
-            )
+        if self.candidates == "range" and self.index != "Flat":
+            raise ValueError("evaluation.candidates=range is an exact search: it takes evaluation.index=Flat")
         if self.recall_queries < 0:
             raise ValueError(f"evaluation.recall_queries must be >= 0, got {self.recall_queries}")
         if not self.index.strip():

@@ -521,3 +521,35 @@ def test_the_whitening_sample_is_the_seeds_draw():
     assert _settings(whitening={"enabled": True, "dim": 3, "samples": None}).whitening_sample(10) is None
     with pytest.raises(ValueError, match="exceeds the 2 training images the PCA is fitted on"):
         _settings(whitening={"enabled": True, "dim": 3, "samples": 2}).for_training_set(10)
+
+
+def test_range_candidates_in_the_test_stage(full_run):
+    """``evaluation.candidates=range``: with a cap above every pair each view meets every reference, as a
+    top-k over all of them does (same stages, same figures); with a small cap each search keeps at most
+    ``max_results`` rows, the best by score-normalised score, and its rows are still scored normalised."""
+    _, paths, ids, gt = full_run
+    n_refs = len(paths["references"])
+    lv = {**SETTINGS["local_verification"], "reference_crops": False}
+    topk = run_test_stage(
+        [_model()], paths, ids, _settings(k=n_refs, local_verification=lv, reference_block=3), gt
+    )
+    everything = run_test_stage(
+        [_model()],
+        paths,
+        ids,
+        _settings(candidates="range", max_results=10**9, local_verification=lv, reference_block=3),
+        gt,
+    )
+    assert len(everything.rows.candidates) == len(topk.rows.candidates)
+    for a, b in zip(topk.stages, everything.stages, strict=True):
+        assert a.name == b.name and a.metrics.uAP == pytest.approx(b.metrics.uAP, abs=1e-6)
+        np.testing.assert_allclose(np.sort(a.predictions.scores), np.sort(b.predictions.scores), atol=1e-5)
+
+    capped = run_test_stage(
+        [_model()], paths, ids, _settings(candidates="range", max_results=30, local_verification=lv), gt
+    )
+    c, all_rows = capped.rows.candidates, everything.rows.candidates
+    for scale in (0, 1):
+        mine, full = c.score[c.scale == scale], np.sort(all_rows.score[all_rows.scale == scale])[::-1]
+        assert 0 < len(mine) <= 30
+        np.testing.assert_allclose(np.sort(mine)[::-1], full[: len(mine)], atol=1e-5)  # the best ones

@@ -398,3 +398,29 @@ def test_the_capped_range_search_keeps_the_best_pairs_over_all_queries() -> None
         assert (order == np.arange(len(order))).all()  # by query, then decreasing similarity
     with pytest.raises(ValueError, match="max_results must be a positive integer"):
         capped_range_search(q, db, 0)
+
+
+@pytest.mark.parametrize(("block", "max_results"), [(700, 2000), (1, 300), (3000, 10**7)])
+def test_capped_range_over_database_blocks_keeps_every_pair_above_its_threshold(data, block, max_results):
+    """The official candidate rule over reference blocks: at most ``max_results`` pairs, and exactly the
+    pairs that score above the smallest one kept (checked against every pair, brute force); a cap above
+    the number of pairs keeps them all."""
+    from isc.evaluation.search import CappedRange
+
+    q, db = data
+    q = q[:40]
+    capped = CappedRange(q, max_results, backend="faiss", device="cpu")
+    for start in range(0, len(db), block):
+        capped.add(db[start : start + block], np.arange(start, min(start + block, len(db))))
+    qi, di, sim = capped.result()
+    full = q.astype(np.float64) @ db.astype(np.float64).T
+    assert len(sim) <= max_results
+    if max_results >= full.size:
+        assert len(sim) == full.size
+    else:
+        assert len(sim) >= 0.3 * max_results
+    np.testing.assert_allclose(sim, full[qi, di], atol=1e-5)
+    expected = set(zip(*np.nonzero(full > sim.min() + 1e-5), strict=True))
+    assert expected <= set(zip(qi.tolist(), di.tolist(), strict=True))
+    assert len(set(zip(qi.tolist(), di.tolist(), strict=True))) == len(sim)  # no pair twice
+    assert np.all(np.diff(qi) >= 0)  # by query, then best first
