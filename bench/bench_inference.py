@@ -16,7 +16,7 @@ There is no training set, so post-processing is L2 normalisation. Each stage run
   and ``--models`` voting; every stage the test stage scores (global, + multi-scale, + local
   verification, + reference crops, + ensemble).
 
-The searches (``_knn_into``: ``knn`` + ``merge_topk``) and the aggregation (``_stages``) are timed where
+The searches (``blocked.knn_into``: ``knn`` + ``merge_topk``) and the aggregation (``_stages``) are timed where
 the test stage calls them; "other" is the rest of ``run_test_stage`` (post-processing, candidate rows,
 bookkeeping). It prints one table (seconds, milliseconds per query, peak RSS over the process after its
 imports and a warm-up search, numpy's traced peak of the aggregation) with the local/global ratios of
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fresh_process import in_fresh_process  # noqa: E402
 
-from isc.evaluation import inference  # noqa: E402
+from isc.evaluation import blocked, inference  # noqa: E402
 from isc.evaluation.extract import Listing, ViewDescriptors, whole_image  # noqa: E402
 from isc.evaluation.search import Backend, knn  # noqa: E402
 from isc.evaluation.settings import (  # noqa: E402
@@ -62,6 +62,7 @@ from isc.evaluation.settings import (  # noqa: E402
 from isc.evaluation.views import View  # noqa: E402
 
 MAX_PREDICTIONS = 500_000  # the official cap (evaluation.max_predictions)
+QUERY_BLOCK = EvaluationSettings.query_block  # queries aggregated at a time (evaluation.query_block)
 PENALTY, PENALTY_FREE, TOP = 0.05, ("original", "overlay"), 2  # conf/experiment/d2lv_inference.yaml
 CANDIDATE_ROW_BYTES = 6 * 4 + 4  # six int32 columns and a float32 score
 TOPK_BYTES = 4 + 8  # float32 similarity + int64 index per kept neighbour
@@ -319,7 +320,7 @@ def run_stage(stage: str, args: Ns) -> StageResult:
     base = _warm_up(args)
     synthetic = SyntheticExtraction(args.seed, sz)
     timer = {"search": 0.0, "crops": 0.0, "aggregate": 0.0, "traced": 0.0}
-    knn_into, stages, score = inference._knn_into, inference._stages, inference._score
+    knn_into, stages, score = blocked.knn_into, inference._stages, inference._score
 
     def timed_knn_into(*a: Any, **kw: Any) -> Any:
         started = time.perf_counter()
@@ -353,7 +354,7 @@ def run_stage(stage: str, args: Ns) -> StageResult:
     Listing.extract = lambda listing, model, **engine: synthetic(  # type: ignore[method-assign]
         model, listing.paths, **engine, **listing.arguments()
     )
-    inference._knn_into = timed_knn_into  # type: ignore[assignment]
+    blocked.knn_into = timed_knn_into  # type: ignore[assignment]
     inference._stages = timed_stages  # type: ignore[assignment]
     inference._score = traced_score  # type: ignore[assignment]
     models = [_Model(m) for m in range(1 if stage == "global" else sz.models)]
@@ -417,7 +418,7 @@ def memory_terms(sz: Sizes, aggregate_bytes_per_row: float, kept: Kept | None = 
 
     Search phase: what one model's pass holds while it searches the last reference block (its crops, or
     its whole images when there are no crops); aggregation phase: the candidate rows of every model and
-    the aggregation's working set (measured per row in this run), and with ``kept`` (measured) the
+    the aggregation's working set (measured per row in this run, for one query block's rows), and with ``kept`` (measured) the
     stages' row masks and the results of the stages before the last (at most ``max_predictions`` pairs
     each, the global stage at most queries x k).
     """
@@ -463,10 +464,12 @@ def memory_terms(sz: Sizes, aggregate_bytes_per_row: float, kept: Kept | None = 
     )
     search("whole-reference descriptors kept so far, r*d*4", "references", whole)
     aggregate(f"candidate rows ({rows:,}) x {CANDIDATE_ROW_BYTES} B", "queries", rows * CANDIDATE_ROW_BYTES)
+    block_rows = rows * min(1.0, QUERY_BLOCK / sz.queries)  # the aggregation runs a query block at a time
     aggregate(
-        f"aggregation working set {aggregate_bytes_per_row:.0f} B/row (measured)",
+        f"aggregation working set {aggregate_bytes_per_row:.0f} B/row (measured) x a {QUERY_BLOCK:,}-query "
+        f"block's {block_rows:,.0f} rows",
         "queries",
-        rows * aggregate_bytes_per_row,
+        block_rows * aggregate_bytes_per_row,
     )
     if kept is not None:
         aggregate(

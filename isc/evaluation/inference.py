@@ -37,20 +37,14 @@ from isc.evaluation.aggregate import (
     aggregate_pairs,
     keep_voted,
     mean_over_models,
-    merge_topk,
     view_penalty,
 )
+from isc.evaluation.blocked import empty_topk, knn_into, searcher
 from isc.evaluation.extract import Listing, ViewDescriptors, ViewsOf, whole_image
 from isc.evaluation.matching import fit_postprocessing
 from isc.evaluation.metrics import evaluate
-from isc.evaluation.postprocess import (
-    PostProcessing,
-    bias_of_neighbours,
-    fold_score_normalization,
-    l2_normalize,
-)
+from isc.evaluation.postprocess import PostProcessing, bias_of_neighbours, l2_normalize
 from isc.evaluation.results import EvaluationResult, Evidence, StageResult
-from isc.evaluation.search import CappedRange, knn
 from isc.evaluation.settings import Ensemble, EvaluationSettings
 from isc.evaluation.views import View, query_views, reference_views
 from isc.formats.pairs import GroundTruth, Predictions
@@ -316,68 +310,6 @@ class _ModelPass:
     global_training: np.ndarray | None
 
 
-def _knn_into(
-    best: tuple[np.ndarray, np.ndarray],
-    queries: np.ndarray,
-    refs: np.ndarray,
-    rows: np.ndarray,
-    s: EvaluationSettings,
-    k: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Search ``refs`` (whose global row numbers are ``rows``) and merge into the running top-k ``best``
-    (``k``: ``evaluation.k``, or score normalisation's)."""
-    k = k or s.k
-    sims, idx = knn(queries, refs, k, **s.search)
-    idx = np.where(idx >= 0, rows[np.maximum(idx, 0)], -1)
-    return merge_topk(*best, sims, idx, k)
-
-
-class _TopK:
-    """``evaluation.candidates=topk``: each query view's ``k`` best reference rows over the blocks,
-    scores score-normalised at the end (minus the view's ``bias``)."""
-
-    def __init__(self, queries: np.ndarray, bias: np.ndarray | None, s: EvaluationSettings) -> None:
-        self.queries, self.bias, self.s = queries, bias, s
-        self.best = _empty_topk(len(queries), s.k)
-
-    def add(self, refs: np.ndarray, rows: np.ndarray) -> None:
-        self.best = _knn_into(self.best, self.queries, refs, rows, self.s)
-
-    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(query view, reference row, score) of every neighbour found."""
-        sims, idx = self.best
-        if self.bias is not None:
-            sims = sims - self.bias[:, None]
-        view, j = np.nonzero(idx >= 0)
-        return view, idx[view, j], sims[view, j]
-
-
-class _Range:
-    """``evaluation.candidates=range``: the official rule over the blocks, at most ``max_results`` pairs a
-    model and search (D2LV: 1M), on score-normalised scores (the bias folded into the vectors)."""
-
-    def __init__(self, queries: np.ndarray, bias: np.ndarray | None, s: EvaluationSettings) -> None:
-        self.bias = bias
-        folded = queries if bias is None else fold_score_normalization(queries, queries[:0], bias)[0]
-        self.capped = CappedRange(folded, s.max_results, **s.search)
-
-    def add(self, refs: np.ndarray, rows: np.ndarray) -> None:
-        if self.bias is not None:
-            refs = fold_score_normalization(refs[:0], refs, self.bias[:0])[1]
-        self.capped.add(refs, rows)
-
-    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.capped.result()
-
-
-def _searcher(queries: np.ndarray, bias: np.ndarray | None, s: EvaluationSettings) -> _TopK | _Range:
-    return _TopK(queries, bias, s) if s.candidates == "topk" else _Range(queries, bias, s)
-
-
-def _empty_topk(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
-
-
 def _fit_whitening(
     plan: _Plan, run: Callable[[Listing], ViewDescriptors], s: EvaluationSettings
 ) -> tuple[list[PostProcessing] | None, list[np.ndarray] | None]:
@@ -406,7 +338,7 @@ def _score_normalisation(
     beta, k = s.score_norm_beta, s.score_normalization.k
     if not plan.training:
         return [None] * len(queries), None
-    tops = [_empty_topk(len(x), k) for x in queries]
+    tops = [empty_topk(len(x), k) for x in queries]
     kept, start = [], 0
     for i, listing in enumerate(plan.training):
         if i == 0 and first_block is not None:
@@ -418,7 +350,7 @@ def _score_normalisation(
             if e == 0:
                 kept.append(t)
             if beta:
-                tops[e] = _knn_into(tops[e], queries[e], t, start + np.arange(len(t)), s, k)
+                tops[e] = knn_into(tops[e], queries[e], t, start + np.arange(len(t)), k, s.search)
         start += len(raw[0])
         del raw
     biases = [bias_of_neighbours(sims, beta) if beta else None for sims, _ in tops]
@@ -457,8 +389,8 @@ def _search_model(
     original = np.flatnonzero([v.kind == "original" for views in q.views for v in views])
     n_views = len(q.owner)
 
-    whole = [_searcher(x, bias, s) for x, bias in zip(queries, biases, strict=True)]
-    crops = _searcher(queries[0][original], None if biases[0] is None else biases[0][original], s)
+    whole = [searcher(x, bias, s) for x, bias in zip(queries, biases, strict=True)]
+    crops = searcher(queries[0][original], None if biases[0] is None else biases[0][original], s)
     ref_tables: list[np.ndarray] = []  # (image, crop index) of every reference row searched
     sizes: list[tuple[int, int]] = []
     global_refs: list[np.ndarray] = []
