@@ -462,6 +462,7 @@ def _stages(
     query views), divided by the number of queries.
     """
     c, lv, e = result.candidates, s.local_verification, s.ensemble
+    named = {split: np.asarray(names) for split, names in ids.items()}  # once, not once a stage
     is_original = np.array([v.kind == "original" for v in result.query_views])
     original = is_original[c.query_view]
     whole = c.reference_view == 0
@@ -495,12 +496,12 @@ def _stages(
         steps.append(("+ reference crops", rows, local, steps[-1][3]))
     first_model = c.model == 0
     outcomes = [
-        _score(name, rows & first_model, local, result, s, ids, ground_truth, t)
+        _score(name, rows & first_model, local, result, s, named, ground_truth, t)
         for name, rows, local, t in steps
     ]
     if n_models > 1:
         t = seconds(n_models, entries, 1.0 if lv.enabled else view_share, lv.enabled)
-        outcomes.append(_score("+ ensemble", rows, local, result, s, ids, ground_truth, t, ensemble=e))
+        outcomes.append(_score("+ ensemble", rows, local, result, s, named, ground_truth, t, ensemble=e))
     return outcomes
 
 
@@ -510,7 +511,7 @@ def _score(
     local: bool,
     result: TestStageRows,
     s: EvaluationSettings,
-    ids: Mapping[str, Sequence[str]],
+    ids: Mapping[str, np.ndarray],
     ground_truth: GroundTruth | None,
     seconds_per_query: float,
     ensemble: Ensemble | None = None,
@@ -530,8 +531,7 @@ def _score(
         parts.append(_aggregate(c, block, free if local else None, s, ensemble))
     del query
     pairs = PairScores.concat(parts).top(s.max_predictions)
-    q_ids, r_ids = np.asarray(ids["queries"]), np.asarray(ids["references"])
-    predictions = Predictions(q_ids[pairs.query], r_ids[pairs.reference], pairs.score)
+    predictions = Predictions(ids["queries"][pairs.query], ids["references"][pairs.reference], pairs.score)
     metrics = evaluate(ground_truth, predictions) if ground_truth is not None else None
     return _Scored(StageResult(name, predictions, metrics, seconds_per_query), pairs)
 

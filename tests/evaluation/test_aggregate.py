@@ -145,3 +145,18 @@ def test_merge_topk_equals_a_search_over_all_blocks():
     expected = np.argsort(-sims, axis=1)[:, :k]
     np.testing.assert_array_equal(best[1], expected)
     np.testing.assert_allclose(best[0], np.take_along_axis(sims, expected, 1))
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_group_ids_follow_the_keys_lexicographic_order(wide: bool) -> None:
+    """The packed int64 grouping (and its fallback for keys too wide to pack) numbers the groups as
+    ``np.unique`` over the stacked rows does."""
+    from isc.evaluation.aggregate import _group
+
+    rng = np.random.default_rng(0)
+    high = 2**40 if wide else 50
+    keys = [rng.integers(-3, high, 5000), rng.integers(0, 7, 5000), rng.integers(10**6, 10**6 + high, 5000)]
+    ids, n = _group(keys)
+    _, expected = np.unique(np.stack(keys, axis=1), axis=0, return_inverse=True)
+    np.testing.assert_array_equal(ids, expected.reshape(-1))
+    assert n == len(np.unique(np.stack(keys, axis=1), axis=0))
