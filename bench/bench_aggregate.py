@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--queries", type=int, default=5_000, help="the size both variants run at")
+    add("--queries", type=int, default=20_000, help="the size both variants run at")
     add("--full-queries", type=int, default=50_000, help="the blocked variant alone (0: skip)")
     add("--query-block", type=int, default=5_000, help="evaluation.query_block")
     add("--views", type=int, default=20)
