@@ -117,6 +117,29 @@ def test_export_loads_without_lightning_or_hydra(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-6, rtol=0)
 
 
+def _small_descriptor_model(trunk: str):
+    """A seeded descriptor model with a learned GeM and a BN-neck head (16-d), 40 px inputs."""
+    from isc.models import trunks
+    from isc.models.descriptor import DescriptorModel
+    from isc.models.heads import BNNeckHead
+    from isc.models.pooling import GeM
+
+    torch.manual_seed(0)
+    body = getattr(trunks, trunk)()
+    return DescriptorModel(
+        body, GeM(p=2.2, trainable=True), head=BNNeckHead(body.out_channels, [32], 16), image_size=40
+    ).eval()
+
+
+def _isolated(script: str, cwd: Path) -> list[str]:
+    """Run ``script`` in ``python -I`` (no user site, no project on the path); its printed words."""
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", script], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.split()
+
+
 @pytest.mark.parametrize(("trunk", "compiled"), [("resnet50", "script"), ("efficientnet_lite0", "trace")])
 def test_torchscript_export_runs_in_plain_torch_and_matches(
     trunk: str, compiled: str, tmp_path: Path
@@ -124,17 +147,9 @@ def test_torchscript_export_runs_in_plain_torch_and_matches(
     """task=export's TorchScript file: ``torch.jit.load`` in an interpreter where this project cannot be
     imported gives the PyTorch model's descriptors (to 1e-5), at any input size when scripted (the
     EfficientNet package's code does not script: it is traced at the model's size)."""
-    from isc.models import trunks
-    from isc.models.descriptor import DescriptorModel
-    from isc.models.heads import BNNeckHead
-    from isc.models.pooling import GeM
     from isc.models.torchscript import SPEC_FILE, save_torchscript
 
-    torch.manual_seed(0)
-    body = getattr(trunks, trunk)()
-    model = DescriptorModel(
-        body, GeM(p=2.2, trainable=True), head=BNNeckHead(body.out_channels, [32], 16), image_size=40
-    ).eval()
+    model = _small_descriptor_model(trunk)
     path, how = save_torchscript(model, tmp_path / "model.torchscript.pt", 40)
     assert how == compiled
     sizes = [40, 56] if how == "script" else [40]
@@ -151,11 +166,7 @@ def test_torchscript_export_runs_in_plain_torch_and_matches(
         f"torch.save({{s: model(x) for s, x in images.items()}}, {str(tmp_path / 'out.pt')!r})\n"
         f"print(json.loads(extra[{SPEC_FILE!r}])['descriptor_dim'])\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["16"]
+    assert _isolated(script, tmp_path) == ["16"]
     out = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
         for s, x in images.items():
@@ -225,17 +236,9 @@ def test_misconfigured_runs_stop_before_any_work_with_the_setting_to_change(
 def test_onnx_export_runs_without_torch_and_matches(trunk: str, tmp_path: Path) -> None:
     """task=export's ONNX file: onnxruntime in an interpreter where neither torch nor this project can be
     imported gives the PyTorch model's descriptors (to 1e-5), for another batch size and input size."""
-    from isc.models import trunks
-    from isc.models.descriptor import DescriptorModel
-    from isc.models.heads import BNNeckHead
     from isc.models.onnx_export import METADATA_KEY, save_onnx
-    from isc.models.pooling import GeM
 
-    torch.manual_seed(0)
-    body = getattr(trunks, trunk)()
-    model = DescriptorModel(
-        body, GeM(p=2.2, trainable=True), head=BNNeckHead(body.out_channels, [32], 16), image_size=40
-    ).eval()
+    model = _small_descriptor_model(trunk)
     path, how = save_onnx(model, tmp_path / "model.onnx", 40)
     assert path is not None and how == "checked against PyTorch with onnxruntime"
     images = torch.rand(5, 3, 64, 48)
@@ -251,11 +254,7 @@ def test_onnx_export_runs_without_torch_and_matches(trunk: str, tmp_path: Path) 
         f"props = {{p.key: p.value for p in onnx.load({str(path)!r}).metadata_props}}\n"
         f"print(json.loads(props[{METADATA_KEY!r}])['descriptor_dim'])\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["16"]
+    assert _isolated(script, tmp_path) == ["16"]
     with torch.no_grad():
         expected = model(images).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5, rtol=0)
