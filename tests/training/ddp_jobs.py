@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.distributed as dist
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ddp_correctness_job  # noqa: E402
@@ -33,6 +35,11 @@ def main(benchmark: Path, out: Path) -> None:
     for name, fit in JOBS.items():
         (out / name).mkdir(parents=True, exist_ok=True)
         fit(out / name, benchmark)
+    # end the group before the interpreter does: left to exit, gloo's threads can abort the process
+    # ("terminate called without an active exception", seen once in a full run)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
