@@ -289,6 +289,17 @@ class EvaluationSettings:
                     s, score_normalization=dataclasses.replace(s.score_normalization, enabled=False)
                 )
             return s
+        if (
+            s.test_stage
+            and s.whitening.enabled
+            and s.whitening.samples is None
+            and num_training > s.reference_block
+        ):
+            log.warning(
+                "the test stage fits the whitening on all %d training images, held at once and extracted "
+                "apart from the score normalisation's blocks: set evaluation.whitening.samples (D2LV: 20000)",
+                num_training,
+            )
         fitted_on = min(num_training, s.whitening.samples or num_training)
         if s.whitening.enabled and s.whitening.dim > fitted_on:
             raise ValueError(

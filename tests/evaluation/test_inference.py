@@ -557,3 +557,15 @@ def test_range_candidates_in_the_test_stage(full_run):
         mine, full = c.score[c.scale == scale], np.sort(all_rows.score[all_rows.scale == scale])[::-1]
         assert 0 < len(mine) <= 30
         np.testing.assert_allclose(np.sort(mine)[::-1], full[: len(mine)], atol=1e-5)  # the best ones
+
+
+def test_whitening_on_every_image_of_a_multi_block_training_set_is_warned(caplog):
+    """All of a large training set held raw for the PCA, and extracted twice: said before any work."""
+    s = _settings(whitening={"enabled": True, "dim": 3}, reference_block=2)
+    with caplog.at_level("WARNING"):
+        s.for_training_set(6)
+    assert "set evaluation.whitening.samples" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _settings(whitening={"enabled": True, "dim": 3, "samples": 4}, reference_block=2).for_training_set(6)
+    assert "whitening.samples" not in caplog.text
