@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
+# test workers (pytest-xdist); the users of one session fixture share a worker (--dist loadgroup)
+WORKERS ?= 2
 # which faiss the venv gets: cpu (faiss-cpu) or gpu (faiss-gpu); `make venv FAISS=gpu` after `make clean`
 FAISS  ?= cpu
 
@@ -25,11 +27,11 @@ run: $(STAMP)
 
 ## test: the fast test suite (what CI runs), plus lint
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## test-all: including the tests marked slow
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "" -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

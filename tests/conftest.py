@@ -155,3 +155,11 @@ def evaluate_checkpoint(
 
     kept = [o for o in training_overrides if not o.startswith("paths.output_dir=")]
     return tasks.evaluate(compose_cfg(kept, "task=evaluate", f"ckpt_path={checkpoint}", out_dir))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n`` (xdist), keep the users of ``ddp_jobs`` on one worker, so the session's
+    two-process launch runs once, not once per worker (needs ``--dist loadgroup``)."""
+    for item in items:
+        if "ddp_jobs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ddp_jobs"))
