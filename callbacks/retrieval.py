@@ -21,6 +21,7 @@ from torch import nn
 from callbacks.gallery import match_gallery
 from callbacks.scoring import SPLITS, score_benchmark
 from isc.data.images import Disc21Layout, screen_for_training
+from isc.evaluation.evaluated_model import evaluated_model
 from isc.evaluation.extract import extract
 from isc.evaluation.results import EvaluationResult
 from isc.evaluation.runner import split_paths
@@ -144,6 +145,7 @@ class RetrievalEvaluation(L.Callback):
         """
         build = getattr(pl_module, "descriptor_model", None)
         model: nn.Module = build() if callable(build) else _Embedder(pl_module)
+        model = evaluated_model(model, self.settings)  # evaluation.gem_p / whitening.raw, as task=evaluate
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)

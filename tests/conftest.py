@@ -4,11 +4,13 @@ composition, and the official uAP of a run's files computed independently of the
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
@@ -19,6 +21,13 @@ from isc.formats.pairs import GroundTruth
 
 N_REFS, N_MATCHED, N_UNMATCHED, N_TRAIN = 16, 10, 6, 6
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # under `pytest -n N` the N workers share the cores: each gets its share of threads, and so do the
+    # commands it starts (OMP_NUM_THREADS), instead of N x cores threads thrashing
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(_threads)
 
 
 def compose_cfg(*parts: str | Sequence[str] | Path, hydra: bool = False) -> DictConfig:
@@ -100,8 +109,6 @@ def make_copy_benchmark(root: Path) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory) -> None:
     """Built benchmarks and descriptor shards go to a session folder, never the user's own cache."""
-    import os
-
     os.environ.setdefault("ISC_CACHE_DIR", str(tmp_path_factory.mktemp("isc-cache")))
 
 
@@ -112,7 +119,6 @@ def benchmark(tmp_path_factory) -> Path:
 
 def ddp_env() -> dict[str, str]:
     """Environment for a 2-process gloo job in a subprocess: a free rendezvous port, no inherited ranks."""
-    import os
     import socket
 
     with socket.socket() as s:

@@ -43,8 +43,10 @@ class Candidates:
     """Scored (query view, reference view) rows; all columns (n,).
 
     ``query`` / ``reference``: image indices (int32, like every index column); ``query_view``: index into the run's table of query views
-    (shared by every model and scale, so it also identifies the query); ``reference_view``: crop index of
-    the reference (0 = whole image); ``scale`` and ``model``: small integers naming where the row came from.
+    (shared by every model and scale, so it also identifies the query); ``reference_view``: 0 for a row of
+    the query views' search against whole references, ``1 + i`` for a row of the reference-crop search
+    against crop ``i`` of the reference's 19 (``i = 0``: the whole image; seed ``dividing.py``'s ``_i``);
+    ``scale`` and ``model``: small integers naming where the row came from.
     """
 
     query: np.ndarray
@@ -116,14 +118,16 @@ def _vote_keys(c: Candidates, on: VoteKey) -> list[np.ndarray]:
     raise ValueError(f"evaluation.ensemble.vote_on must be view or image, got {on!r}")
 
 
-def keep_voted(candidates: Candidates, min_votes: int, on: VoteKey = "view") -> np.ndarray:
-    """A (n,) mask of the rows whose pair at least ``min_votes`` distinct models return (D2LV: 2 of 3).
+def keep_voted(candidates: Candidates, min_votes: int | np.ndarray, on: VoteKey = "view") -> np.ndarray:
+    """A (n,) mask of the rows whose pair at least ``min_votes`` distinct models return (D2LV: 2 of 3 for
+    the query views' rows, ``Test/final/V5_*/aggregate.py``; 3 of 3 for the reference crops' rows,
+    ``Test/final/V5_baseline_CC_ref/aggregate.py:38-40``). ``min_votes``: one number, or one per row.
 
     ``on="view"`` votes on (query view, reference, reference view, scale) as the seed does (its ids carry
     the crop suffix); ``on="image"`` votes on the image pair whatever view produced it. The seed keeps
     every agreeing model's row and lets the later max / top-2 decide (``combine: pool``).
     """
-    if min_votes < 1:
+    if np.any(np.asarray(min_votes) < 1):
         raise ValueError(f"evaluation.ensemble.min_votes must be >= 1, got {min_votes}")
     c = candidates
     if len(c) == 0:
@@ -155,8 +159,9 @@ def mean_over_models(candidates: Candidates, on: VoteKey = "view") -> tuple[Cand
 
 
 def view_penalty(penalty_free_view: np.ndarray, reference_view: np.ndarray, penalty: float) -> np.ndarray:
-    """(n,) float32: ``penalty`` for rows whose query view is not penalty-free or whose reference view is a
-    crop, else 0 (seed ``Test/final/combine.py``: 0.05 off all but ``_0`` and the overlay detections).
+    """(n,) float32: ``penalty`` for rows whose query view is not penalty-free or that come from the
+    reference-crop search (``reference_view > 0``, its whole-image rows too), else 0 (seed
+    ``Test/final/combine.py:85-92``: 0.05 off every row whose query id is not ``_0`` or a detection).
 
     ``penalty_free_view`` (n,) bool: the row's query view is of a penalty-free kind.
     """

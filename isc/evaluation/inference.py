@@ -112,9 +112,10 @@ class TestStageRows:
             row = int(p.row[i])
             qv = self.query_views[int(c.query_view[row])]
             w, h = self.reference_sizes[int(c.reference[row])]
-            crop = int(c.reference_view[row])  # most winners are whole references: skip the 19 boxes
-            rv = reference_views(w, h, crops=True)[crop] if crop else None
-            label = f"{qv.kind} view, {self.scale_names[int(c.scale[row])]}, model {int(c.model[row])}"
+            crop = int(c.reference_view[row]) - 1  # -1: the views' search; 0: the crop search's whole image
+            rv = reference_views(w, h, crops=True)[crop] if crop > 0 else None  # most win whole: no 19 boxes
+            where = "" if crop < 0 else f", reference crop {crop}"
+            label = f"{qv.kind} view{where}, {self.scale_names[int(c.scale[row])]}, model {int(c.model[row])}"
             key = (str(predictions.query_ids[i]), str(predictions.reference_ids[i]))
             out[key] = Evidence(
                 None if qv.kind == "original" else qv.box, None if rv is None else rv.box, label
@@ -417,23 +418,25 @@ def _search_model(
                 np.concatenate([global_refs[-1], post[0].apply(rc.per_scale[0])]), np.r_[rows, crop_rows]
             )
     ref_table = np.concatenate(ref_tables).astype(np.int32)  # (n_reference_views, 2): image, crop index
-    searches = [(e, *search.pairs(), np.arange(n_views)) for e, search in enumerate(whole)]
+    # (entry, view, hit, score, query view of each searched row, reference view offset)
+    searches = [(e, *search.pairs(), np.arange(n_views), 0) for e, search in enumerate(whole)]
     if lv.reference_crops:
-        # whole references found here are already in the first search: keep the crops' rows only
+        # every row of the crop search is kept, its whole-reference rows (crop _0) too, and marked as the
+        # crop search's (reference view 1 + crop index) so they are penalised and voted as the seed does
+        # (Test/final/combine.py:28-48 penalises every row of R-baseline-CC-234-50k.csv)
         view, hit, score = crops.pairs()
-        keep = ref_table[hit, 1] > 0
-        searches.append((0, view[keep], hit[keep], score[keep], original))
+        searches.append((0, view, hit, score, original, 1))
     candidates = [
         Candidates(
             query=q.owner[view_rows[view]],
             reference=ref_table[hit, 0],
             score=score,
             query_view=view_rows[view],
-            reference_view=ref_table[hit, 1],
+            reference_view=ref_table[hit, 1] + offset,
             scale=np.full(len(view), e),
             model=np.full(len(view), m),
         )
-        for e, view, hit, score, view_rows in searches
+        for e, view, hit, score, view_rows, offset in searches
     ]
     return _ModelPass(
         candidates,
@@ -551,7 +554,8 @@ def _aggregate(
         penalty = view_penalty(penalty_free[subset.query_view], subset.reference_view, lv.penalty)
         subset = subset.with_scores(subset.score - penalty)
     if ensemble is not None and ensemble.rule == "vote":
-        keep = keep_voted(subset, ensemble.min_votes, on=ensemble.vote_on)  # type: ignore[arg-type]
+        votes = np.where(subset.reference_view > 0, ensemble.crop_votes, ensemble.min_votes)
+        keep = keep_voted(subset, votes, on=ensemble.vote_on)  # type: ignore[arg-type]
         index, subset = index[keep], subset.take(keep)
         if ensemble.combine == "mean":
             subset, representative = mean_over_models(subset, on=ensemble.vote_on)  # type: ignore[arg-type]

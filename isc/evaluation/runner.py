@@ -25,6 +25,7 @@ from torch import nn
 
 from isc.data.images import Disc21Layout, SkippedImages, screen_decode, screen_quick
 from isc.evaluation.distributed import Ranks
+from isc.evaluation.evaluated_model import evaluated_model
 from isc.evaluation.extract import Listing
 from isc.evaluation.inference import ConcatModel, run_test_stage, share_test_stage
 from isc.evaluation.matching import match_descriptors
@@ -242,11 +243,12 @@ def evaluate_layout(
 def _combined(
     models: Sequence[nn.Module], settings: EvaluationSettings
 ) -> tuple[list[nn.Module], EvaluationSettings]:
-    """The ensemble's ``concat`` rule makes one model whose descriptor is whitened to ``concat_dim``;
-    without ``scales`` the test stage runs at the model's recorded input size."""
+    """The models as evaluation runs them (``evaluation.gem_p``, ``whitening.raw``); the ensemble's
+    ``concat`` rule makes one model of them whose descriptor is whitened to ``concat_dim``; without
+    ``scales`` the test stage runs at the model's recorded input size."""
     if not models:
         raise ValueError("no model to evaluate: give ckpt_path, a backbone or evaluation.ensemble.models")
-    models = list(models)
+    models = [evaluated_model(m, settings) for m in models]
     e = settings.ensemble
     if e.models and e.rule == "concat":
         models = [ConcatModel(models)]

@@ -35,11 +35,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Whitening:
-    """PCA-whitening fitted on the training descriptors (D2LV: 256 dims, eigen power -0.5).
+    """PCA-whitening fitted on the training descriptors (D2LV's matching track: 1500 dims, eigen power -0.5,
+    on the raw BN-neck output; the descriptor track's limit: 256).
 
     ``samples``: fit on that many training images drawn as D2LV draws them (``np.random.RandomState(seed)
     .choice(n, samples, replace=False)``, seed ``Test/final/V5_baseline_CC/extract_features.py:181-184``),
-    in index order; ``None``: on every training image.
+    in index order; ``None``: on every training image. ``raw``: fit and apply it on the model's output
+    before its L2 norm, as the seed does (``extract_features.py:220-266``: BN neck -> PCA -> L2); ``False``:
+    on unit descriptors. The whitened vectors are L2-normalised either way.
     """
 
     enabled: bool = False
@@ -47,6 +50,7 @@ class Whitening:
     eigen_power: float = -0.5
     samples: int | None = None
     seed: int = 123
+    raw: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,14 @@ class Ensemble:
     models: tuple[str, ...] = ()
     rule: str = "vote"
     min_votes: int = 2
+    crop_min_votes: int | None = None  # the reference-crop search's rows (D2LV: 3 of 3); None: min_votes
     vote_on: str = "view"
     combine: str = "pool"
     concat_dim: int = 256
+
+    @property
+    def crop_votes(self) -> int:
+        return self.min_votes if self.crop_min_votes is None else self.crop_min_votes
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,7 @@ class EvaluationSettings:
     reference_block: int = 25_000
     query_block: int = 5_000
     max_training: int | None = None
+    gem_p: float | None = None  # replace the model's pooling by a fresh GeM with this p at test (D2LV: 3)
     cache_dir: Any = "auto"
     shard_size: int = 10_000
 
@@ -201,12 +211,19 @@ class EvaluationSettings:
                 f"evaluation.ensemble.min_votes={e.min_votes} must be between 1 and the "
                 f"{len(e.models)} models of evaluation.ensemble.models"
             )
+        if e.models and not 1 <= e.crop_votes <= len(e.models):
+            raise ValueError(
+                f"evaluation.ensemble.crop_min_votes={e.crop_min_votes} must be null or between 1 and the "
+                f"{len(e.models)} models of evaluation.ensemble.models"
+            )
         if self.whitening.samples is not None and self.whitening.samples < 1:
             raise ValueError(
                 f"evaluation.whitening.samples must be >= 1 or null, got {self.whitening.samples}"
             )
         if self.max_training is not None and self.max_training < 1:
             raise ValueError(f"evaluation.max_training must be >= 1 or null, got {self.max_training}")
+        if self.gem_p is not None and not self.gem_p > 0:
+            raise ValueError(f"evaluation.gem_p must be > 0 or null, got {self.gem_p}")
         if self.shard_size < 1:
             raise ValueError(f"evaluation.shard_size must be >= 1, got {self.shard_size}")
         if self.gpu_index not in ("replicate", "shard"):
@@ -324,7 +341,9 @@ class EvaluationSettings:
         """The post-processing in words, for the printed headline."""
         parts = []
         if self.whitening.enabled:
-            parts.append(f"PCA-whitening {self.whitening.dim}")
+            parts.append(f"PCA-whitening {self.whitening.dim}" + (" (raw)" if self.whitening.raw else ""))
+        if self.gem_p is not None:
+            parts.insert(0, f"GeM p {self.gem_p:g}")
         if self.score_norm_beta:
             s = self.score_normalization
             parts.append(f"score normalisation (beta {s.beta:g}, k {s.k})")

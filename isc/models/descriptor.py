@@ -52,8 +52,9 @@ class DescriptorModel(nn.Module):
     Input normalisation happens inside the model (from the trunk's statistics), so callers feed plain
     [0, 1] tensors whatever the backbone. ``head`` is a fine-tuning head with a ``descriptor(pooled)``
     method (:class:`isc.models.heads.BNNeckHead`, :class:`isc.models.heads.ProjectionHead`); ``dim`` adds
-    a plain linear projection instead. ``normalize=False`` returns the raw pooled features, which is what
-    self-supervised pretraining feeds its projector. ``image_size`` is the square input size the model is
+    a plain linear projection instead. ``normalize=False`` returns the output before any L2 norm: the raw
+    pooled features, which is what self-supervised pretraining feeds its projector, or the head's
+    ``raw_descriptor`` (what D2LV's test code whitens). ``image_size`` is the square input size the model is
     evaluated at (``None``: the caller's choice).
     """
 
@@ -86,8 +87,8 @@ class DescriptorModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.pooling(self.trunk((images - self.mean) / self.std))
-        if self.head is not None:
-            x = self.head.descriptor(x)  # type: ignore[operator]
+        if self.head is not None:  # normalize=False: the head's output before its own L2 norm
+            x = self.head.descriptor(x) if self.normalize else self.head.raw_descriptor(x)  # type: ignore[operator]
         elif self.projection is not None:
             x = self.projection(x)
         return F.normalize(x, dim=-1) if self.normalize else x

@@ -122,8 +122,12 @@ class BNNeckHead(nn.Module):
 
     def descriptor(self, pooled: torch.Tensor) -> torch.Tensor:
         """Test-time descriptor (B, in_dim) -> (B, out_dim): the L2-normalised BN-neck output."""
-        features = self.mlp(pooled)
-        return F.normalize(self.neck(features), dim=1)
+        return F.normalize(self.raw_descriptor(pooled), dim=1)
+
+    def raw_descriptor(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The BN-neck output before its L2 norm, (B, in_dim) -> (B, out_dim): what D2LV's test code
+        PCA-whitens (``evaluation.whitening.raw``)."""
+        return self.neck(self.mlp(pooled))
 
     embed = descriptor
 
@@ -151,10 +155,14 @@ class ProjectionHead(nn.Module):
         return self.out_dim
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.raw_descriptor(pooled), dim=1)
+
+    def raw_descriptor(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The projection before its L2 norm, (B, in_dim) -> (B, out_dim)."""
         x = self.linear(pooled)
         if self.bn is not None:
             x = self.bn(x)
-        return F.normalize(x, dim=1)
+        return x
 
     def descriptor(self, pooled: torch.Tensor) -> torch.Tensor:
         """Same as ``forward``: the output is already the normalised descriptor."""

@@ -104,6 +104,25 @@ def test_two_of_three_voting_keeps_pairs_two_models_return():
         keep_voted(c, 0)
 
 
+def test_reference_crop_rows_need_their_own_number_of_votes():
+    """D2LV: query views' rows 2 of 3 (V5_*/aggregate.py), reference-crop rows 3 of 3 (V5_baseline_CC_ref)."""
+    c = table(
+        [
+            (0, 1, 0.9, 0, 0, 0, 0),  # views' search, two models -> kept at 2
+            (0, 1, 0.8, 0, 0, 0, 1),
+            (0, 1, 0.7, 0, 3, 0, 0),  # crop search (crop 2), two models -> dropped at 3
+            (0, 1, 0.6, 0, 3, 0, 1),
+            (0, 2, 0.5, 0, 1, 0, 0),  # crop search, whole reference, three models -> kept
+            (0, 2, 0.4, 0, 1, 0, 1),
+            (0, 2, 0.3, 0, 1, 0, 2),
+        ]
+    )
+    need = np.where(c.reference_view > 0, 3, 2)
+    np.testing.assert_array_equal(keep_voted(c, need, on="view"), [1, 1, 0, 0, 1, 1, 1])
+    with pytest.raises(ValueError, match="min_votes"):
+        keep_voted(c, np.where(c.reference_view > 0, 0, 2))
+
+
 def test_mean_over_models_averages_each_models_best_score():
     c = table(
         [(0, 1, 0.9, 0, 0, 0, 0), (0, 1, 0.5, 0, 0, 0, 0), (0, 1, 0.7, 0, 0, 0, 1), (2, 3, 0.1, 4, 0, 0, 2)]

@@ -182,6 +182,18 @@ def test_stages_are_cumulative_and_outputs_meet_the_official_rules(full_run):
     assert crop_rows.any()
     assert {result.rows.query_views[i].kind for i in c.query_view[crop_rows]} == {"original"}
     assert set(c.scale[crop_rows].tolist()) == {0}
+    # the crop search's whole-reference rows (crop _0, reference view 1) are kept, as the seed keeps them:
+    # the same original view against the same whole reference as the views' search, scored the same
+    whole_of_crops = np.flatnonzero(c.reference_view == 1)
+    assert len(whole_of_crops) and set(c.reference_view[crop_rows].tolist()) > {1}
+    views_search = {
+        (int(c.query_view[i]), int(c.reference[i])): float(c.score[i])
+        for i in np.flatnonzero((c.reference_view == 0) & (c.scale == 0))
+    }
+    for i in whole_of_crops:
+        key = (int(c.query_view[i]), int(c.reference[i]))
+        if key in views_search:
+            assert float(c.score[i]) == pytest.approx(views_search[key], abs=1e-5)
 
 
 def test_blocked_reference_search_gives_the_same_candidates(full_run, photo_benchmark):
@@ -358,12 +370,11 @@ def test_d2lv_inference_recipe_has_the_seeds_values_and_asks_for_its_models(tmp_
     cfg = compose_cfg(["experiment=d2lv_inference", "evaluation.ensemble.models=[a.pt,b.pt,c.pt]"], tmp_path)
     s = tasks.common.evaluation_settings(cfg)
     assert s.scales == (256, 320, 200) and s.multiscale == "max"
-    assert (s.whitening.enabled, s.whitening.dim, s.score_normalization.beta, s.score_normalization.k) == (
-        True,
-        256,
-        2.0,
-        10,
-    )
+    w, sn = s.whitening, s.score_normalization
+    # Test/final/V5_baseline_CC/: extract_features.py:123/254/266, extract_reference_50.sh, score_normalization_50.sh
+    assert (w.enabled, w.dim, w.raw, w.samples, w.seed, w.eigen_power) == (True, 1500, True, 20000, 123, -0.5)
+    assert (sn.enabled, sn.beta, sn.k, s.max_training) == (True, 2.0, 10, None)  # every training image
+    assert (s.gem_p, s.candidates, s.max_results) == (3.0, "range", 1_000_000)
     lv, e = s.local_verification, s.ensemble
     assert (lv.enabled, lv.reference_crops, lv.penalty, lv.top, lv.query.min_size) == (
         True,
@@ -373,7 +384,8 @@ def test_d2lv_inference_recipe_has_the_seeds_values_and_asks_for_its_models(tmp_
         200,
     )
     assert (e.models, e.rule, e.min_votes) == (("a.pt", "b.pt", "c.pt"), "vote", 2)
-    assert s.max_training == 20000
+    track = tasks.common.evaluation_settings(compose_cfg(["task=evaluate", "evaluation=d2lv_256"], tmp_path))
+    assert (track.whitening.dim, track.whitening.raw, track.descriptor_track_max_dim) == (256, True, 256)
     with pytest.raises(ValueError, match="evaluation.ensemble.models="):
         run.run_task(compose_cfg(["experiment=d2lv_inference"], tmp_path / "missing"))
 

@@ -43,10 +43,14 @@ def common(benchmark: Path) -> list[str]:
 
 HEADS = {
     "no head, InfoNCE (the default job)": [],
-    "BN-neck head, D2LV loss": [
+    "BN-neck head, D2LV loss and test-time GeM, raw whitening": [
         "model/loss=d2lv",
         "+model.head={_target_: isc.models.heads.BNNeckHead, _partial_: true, hidden_dims: [16], out_dim: 8}",
         "backbone.pooling.p=2.5",
+        "evaluation.gem_p=3",  # D2LV's test code: a fresh GeM p 3, the BN neck's raw output whitened
+        "evaluation.whitening.enabled=true",
+        "evaluation.whitening.dim=4",
+        "evaluation.whitening.raw=true",
     ],
     "projection head, whitening": [
         "+model.head={_target_: isc.models.heads.ProjectionHead, _partial_: true, out_dim: 16}",
