@@ -159,13 +159,14 @@ def run_test_stage(
     views: ViewsOf | Sequence[list[View]] = _query_views(s)
     parts: list[Candidates] = []
     forward_seconds = np.zeros((len(models), len(names)))
+    crop_seconds = np.zeros(len(models))
     view_seconds = 0.0
     first: _ModelPass | None = None
     for m, model in enumerate(models):
         tag = f"model {m + 1}/{len(models)}: " if len(models) > 1 else ""
         one = _search_model(model, m, paths, scales, views, s, tag, cache_dir)
         parts += one.candidates
-        forward_seconds[m] = one.forward_seconds
+        forward_seconds[m], crop_seconds[m] = one.forward_seconds, one.crop_seconds
         if first is None:  # views are a function of the image: compute them once, reuse them
             first, view_seconds = one, one.view_seconds
             views = one.views
@@ -173,7 +174,7 @@ def run_test_stage(
     searched = TestStageRows(
         Candidates.concat(parts), [v for vs in first.views for v in vs], first.reference_sizes, names
     )
-    scored = _stages(searched, s, ids, ground_truth, forward_seconds, view_seconds)
+    scored = _stages(searched, s, ids, ground_truth, forward_seconds, view_seconds, crop_seconds)
     post = " + ".join([s.describe()] + [x.stage.name.removeprefix("+ ") for x in scored[1:]])
     q_ids, r_ids = np.asarray(ids["queries"]), np.asarray(ids["references"])
     return EvaluationResult(
@@ -306,6 +307,7 @@ class _ModelPass:
     reference_sizes: list[tuple[int, int]]
     forward_seconds: np.ndarray
     view_seconds: float
+    crop_seconds: float  # making and embedding the reference crops
     global_query: np.ndarray
     global_reference: np.ndarray
     global_training: np.ndarray | None
@@ -395,7 +397,7 @@ def _search_model(
     ref_tables: list[np.ndarray] = []  # (image, crop index) of every reference row searched
     sizes: list[tuple[int, int]] = []
     global_refs: list[np.ndarray] = []
-    n_ref_views = 0
+    n_ref_views, crop_seconds = 0, 0.0
     for block in plan.blocks:
         start, n_block = block.start, len(block.whole.paths)
         r = run(block.whole)
@@ -410,6 +412,7 @@ def _search_model(
             whole[e].add(ref, rows)
         if block.crops is not None:
             rc = run(block.crops)
+            crop_seconds += float(np.sum(rc.model_seconds)) + rc.view_seconds
             crop_index = np.concatenate([np.arange(1, len(v) + 1) for v in rc.views])
             crop_rows = n_ref_views + np.arange(len(crop_index))
             ref_tables.append(np.stack([rc.owner + start, crop_index], axis=1))
@@ -444,6 +447,7 @@ def _search_model(
         sizes,
         forward,
         q.view_seconds,
+        crop_seconds,
         queries[0][original],
         np.concatenate(global_refs),
         global_training,
@@ -457,12 +461,14 @@ def _stages(
     ground_truth: GroundTruth | None,
     forward_seconds: np.ndarray,
     view_seconds: float,
+    crop_seconds: np.ndarray,
 ) -> list[_Scored]:
     """Cumulative stages over the same candidate rows: each adds one step to the previous one.
 
     ``forward_seconds`` (n_models, n_entries): model time spent on the query views of each descriptor
     entry; a stage is charged the share of the views it uses (plus the view computation once it uses
-    query views), divided by the number of queries.
+    query views), divided by the number of queries; the reference-crop stage adds the time its models spent
+    making and embedding the crops (paid once per reference), spread over the queries.
     """
     c, lv, e = result.candidates, s.local_verification, s.ensemble
     named = {split: np.asarray(names) for split, names in ids.items()}  # once, not once a stage
@@ -480,8 +486,9 @@ def _stages(
         entries = list(range(n_entries))
     multi = np.isin(c.scale, entries)
 
-    def seconds(models: int, entry_ids: list[int], share: float, local: bool) -> float:
+    def seconds(models: int, entry_ids: list[int], share: float, local: bool, crops: bool = False) -> float:
         spent = forward_seconds[:models, entry_ids].sum() * share + (view_seconds if local else 0.0)
+        spent += crop_seconds[:models].sum() if crops else 0.0
         return float(spent) / max(1, len(ids["queries"]))
 
     # (name, rows without the model condition, local rows penalised / top-k, seconds per query)
@@ -496,14 +503,15 @@ def _stages(
         steps.append(("+ local verification", rows, local, seconds(1, entries, 1.0, True)))
     if lv.reference_crops:
         rows, local = rows | (original & ~whole), True  # crops are searched at the first scale only
-        steps.append(("+ reference crops", rows, local, steps[-1][3]))
+        t = seconds(1, entries, 1.0 if lv.enabled else view_share, lv.enabled, crops=True)
+        steps.append(("+ reference crops", rows, local, t))
     first_model = c.model == 0
     outcomes = [
         _score(name, rows & first_model, local, result, s, named, ground_truth, t)
         for name, rows, local, t in steps
     ]
     if n_models > 1:
-        t = seconds(n_models, entries, 1.0 if lv.enabled else view_share, lv.enabled)
+        t = seconds(n_models, entries, 1.0 if lv.enabled else view_share, lv.enabled, lv.reference_crops)
         outcomes.append(_score("+ ensemble", rows, local, result, s, named, ground_truth, t, ensemble=e))
     return outcomes
 

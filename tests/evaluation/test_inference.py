@@ -166,6 +166,10 @@ def test_stages_are_cumulative_and_outputs_meet_the_official_rules(full_run):
     final = result.final.predictions
     final.check_no_duplicates()
     assert len(final) <= 500_000
+    # each stage's time per query covers what it adds: the crop stage its references' 18 crops
+    times = [st.seconds_per_query for st in result.stages]
+    assert all(t is not None and t > 0 for t in times)
+    assert times[0] < times[1] < times[2] < times[3]  # type: ignore[operator]
     # every query view lies inside its image, the original first, and the crops really are crops
     kinds = [v.kind for v in result.rows.query_views]
     assert {"original", "rotation", "crop"} <= set(kinds)

@@ -153,8 +153,11 @@ D2LV_FINETUNE = {
     "model.scheduler.flat_epochs": 5,  # changed: 5 warm-up / 5 flat / 15 cosine (was 10 flat)
     "model.scheduler.final_factor": 0.01,
     "evaluation.image_size": 256,
-    "evaluation.whitening.enabled": True,  # changed: D2LV's PCA-whitening to 256 dims
-    "evaluation.whitening.dim": 256,
+    "evaluation.whitening.enabled": True,  # changed: the seed's test code, 1500 dims of the raw BN neck
+    "evaluation.whitening.dim": 1500,  # changed (issue 16): was 256, the descriptor track's figure
+    "evaluation.whitening.raw": True,
+    "evaluation.whitening.samples": 20000,
+    "evaluation.whitening.seed": 123,
     "evaluation.whitening.eigen_power": -0.5,
     "evaluation.score_normalization.enabled": True,
     "evaluation.score_normalization.beta": 2.0,  # changed: D2LV's beta 2, k 10 (was 1, 3)
