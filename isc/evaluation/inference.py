@@ -461,14 +461,15 @@ def _stages(
     ground_truth: GroundTruth | None,
     forward_seconds: np.ndarray,
     view_seconds: float,
-    crop_seconds: np.ndarray,
+    crop_seconds: np.ndarray | None = None,
 ) -> list[_Scored]:
     """Cumulative stages over the same candidate rows: each adds one step to the previous one.
 
     ``forward_seconds`` (n_models, n_entries): model time spent on the query views of each descriptor
     entry; a stage is charged the share of the views it uses (plus the view computation once it uses
     query views), divided by the number of queries; the reference-crop stage adds the time its models spent
-    making and embedding the crops (paid once per reference), spread over the queries.
+    making and embedding the crops (paid once per reference, ``crop_seconds`` (n_models,)), spread over the
+    queries.
     """
     c, lv, e = result.candidates, s.local_verification, s.ensemble
     named = {split: np.asarray(names) for split, names in ids.items()}  # once, not once a stage
@@ -488,7 +489,7 @@ def _stages(
 
     def seconds(models: int, entry_ids: list[int], share: float, local: bool, crops: bool = False) -> float:
         spent = forward_seconds[:models, entry_ids].sum() * share + (view_seconds if local else 0.0)
-        spent += crop_seconds[:models].sum() if crops else 0.0
+        spent += crop_seconds[:models].sum() if crops and crop_seconds is not None else 0.0
         return float(spent) / max(1, len(ids["queries"]))
 
     # (name, rows without the model condition, local rows penalised / top-k, seconds per query)
