@@ -426,7 +426,7 @@ def _search_model(
     if lv.reference_crops:
         # every row of the crop search is kept, its whole-reference rows (crop _0) too, and marked as the
         # crop search's (reference view 1 + crop index) so they are penalised and voted as the seed does
-        # (Test/final/combine.py:28-48 penalises every row of R-baseline-CC-234-50k.csv)
+        # (Test/final/combine.py:47-48 strips the crop suffixes, so :85-92 penalises every crop-search row)
         view, hit, score = crops.pairs()
         searches.append((0, view, hit, score, original, 1))
     candidates = [
