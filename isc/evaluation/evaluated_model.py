@@ -1,10 +1,10 @@
-"""The network as evaluation runs it: the trained descriptor model with the test-time changes the settings ask for.
+"""The network as evaluation runs it: the trained descriptor model with the settings' test-time changes.
 
 D2LV's test code does not evaluate the network it trained as is (``Test/final/V5_baseline_CC/
-extract_features.py``): it swaps the learned GeM for a fresh one with p = 3 (lines 49 / 63 / 77, ``--GeM_p 3``
-in every ``extract_*.sh``) and takes the BN neck's output (lines 220-222) unnormalised to the PCA (line 254),
-L2-normalising only after it (line 266). Both the test stage and the per-epoch callback call :func:`evaluated_model`, so the number logged
-during training is the number ``task=evaluate`` prints.
+extract_features.py``): it swaps the learned GeM for a fresh one with p = 3 (lines 49 / 63 / 77,
+``--GeM_p 3`` in every ``extract_*.sh``) and takes the BN neck's output (lines 220-222) unnormalised to the
+PCA (line 254), L2-normalising only after it (line 266). Both the test stage and the per-epoch callback
+call :func:`evaluated_model`, so the number logged during training is the number ``task=evaluate`` prints.
 """
 
 from __future__ import annotations

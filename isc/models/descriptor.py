@@ -87,8 +87,10 @@ class DescriptorModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.pooling(self.trunk((images - self.mean) / self.std))
-        if self.head is not None:  # normalize=False: the head's output before its own L2 norm
-            x = self.head.descriptor(x) if self.normalize else self.head.raw_descriptor(x)  # type: ignore[operator]
+        if self.head is not None and self.normalize:
+            x = self.head.descriptor(x)  # type: ignore[operator]
+        elif self.head is not None:  # the head's output before its own L2 norm
+            x = self.head.raw_descriptor(x)  # type: ignore[operator]
         elif self.projection is not None:
             x = self.projection(x)
         return F.normalize(x, dim=-1) if self.normalize else x

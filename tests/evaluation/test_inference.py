@@ -375,7 +375,8 @@ def test_d2lv_inference_recipe_has_the_seeds_values_and_asks_for_its_models(tmp_
     s = tasks.common.evaluation_settings(cfg)
     assert s.scales == (256, 320, 200) and s.multiscale == "max"
     w, sn = s.whitening, s.score_normalization
-    # Test/final/V5_baseline_CC/: extract_features.py:123/254/266, extract_reference_50.sh, score_normalization_50.sh
+    # Test/final/V5_baseline_CC/: extract_features.py:123/254/266, extract_reference_50.sh,
+    # score_normalization_50.sh
     assert (w.enabled, w.dim, w.raw, w.samples, w.seed, w.eigen_power) == (True, 1500, True, 20000, 123, -0.5)
     assert (sn.enabled, sn.beta, sn.k, s.max_training) == (True, 2.0, 10, None)  # every training image
     assert (s.gem_p, s.candidates, s.max_results) == (3.0, "range", 1_000_000)
