@@ -15,6 +15,7 @@ from torch import nn
 
 from isc.data.images import Disc21Layout
 from isc.evaluation.runner import EvaluationRun, evaluate_layout
+from isc.evaluation.settings import EvaluationSettings
 from isc.models.descriptor import load_descriptor_model
 from tasks.common import (
     dataset_root,
@@ -30,25 +31,28 @@ from tasks.wandb_report import log_report_to_wandb
 log = logging.getLogger(__name__)
 
 
-def evaluation_models(cfg: DictConfig) -> list[nn.Module]:
-    """``evaluation.ensemble.models``, else ``ckpt_path`` or the configured backbone; none for a file.
+def evaluation_models(cfg: DictConfig, settings: EvaluationSettings) -> list[nn.Module]:
+    """``evaluation.ensemble.models`` (or its families' models, in order), else ``ckpt_path`` or the
+    configured backbone; none for a file.
 
     Every file is loaded before any image is read, so a wrong path fails at once.
     """
-    if cfg.evaluation.descriptors:
+    if settings.descriptors:
         return []
-    paths = list(cfg.evaluation.ensemble.models or ())
+    paths = list(settings.ensemble.models)
     if not paths:
         return [descriptor_model(cfg)]
     if cfg.ckpt_path:
-        raise ValueError("give either ckpt_path or evaluation.ensemble.models, not both")
+        raise ValueError("give either ckpt_path or evaluation.ensemble.models (or families), not both")
     return [load_descriptor_model(Path(p).expanduser()) for p in paths]
 
 
-def model_name(cfg: DictConfig) -> str:
-    models = cfg.evaluation.ensemble.models
-    if models:
-        return f"ensemble of {len(models)} ({cfg.evaluation.ensemble.rule})"
+def model_name(cfg: DictConfig, settings: EvaluationSettings) -> str:
+    e = settings.ensemble
+    if e.families:
+        return f"ensemble of {len(e.models)} in {len(e.families)} families"
+    if e.models:
+        return f"ensemble of {len(e.models)} ({e.rule})"
     return str(cfg.ckpt_path or recipe_name("backbone") or cfg.backbone.get("_target_", ""))
 
 
@@ -62,7 +66,7 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
     """
     settings = evaluation_settings(cfg)
     root = dataset_root(cfg)
-    models = evaluation_models(cfg)
+    models = evaluation_models(cfg, settings)
     ranks = extraction_group(cfg)
     run = evaluate_layout(
         Disc21Layout(root),
@@ -72,7 +76,7 @@ def evaluate(cfg: DictConfig, predict: bool = False) -> dict[str, object]:
         predict=predict,
         skip_bad=cfg.dataset.skip_bad_images,
         cache_dir=descriptor_cache(cfg, settings),
-        subtitle=f"{root} · model {model_name(cfg)}",
+        subtitle=f"{root} · model {model_name(cfg, settings)}",
         ranks=ranks,
     )
     if run is None:

@@ -118,10 +118,17 @@ def _vote_keys(c: Candidates, on: VoteKey) -> list[np.ndarray]:
     raise ValueError(f"evaluation.ensemble.vote_on must be view or image, got {on!r}")
 
 
-def keep_voted(candidates: Candidates, min_votes: int | np.ndarray, on: VoteKey = "view") -> np.ndarray:
+def keep_voted(
+    candidates: Candidates,
+    min_votes: int | np.ndarray,
+    on: VoteKey = "view",
+    family: np.ndarray | None = None,
+) -> np.ndarray:
     """A (n,) mask of the rows whose pair at least ``min_votes`` distinct models return (D2LV: 2 of 3 for
     the query views' rows, ``Test/final/V5_*/aggregate.py``; 3 of 3 for the reference crops' rows,
     ``Test/final/V5_baseline_CC_ref/aggregate.py:38-40``). ``min_votes``: one number, or one per row.
+    ``family`` (n,): each row's model family; models vote only with their own family's (D2LV's 11
+    families each vote 2 of 3, ``Test/final/V5_*/aggregate.py``, and ``combine.py`` pools the results).
 
     ``on="view"`` votes on (query view, reference, reference view, scale) as the seed does (its ids carry
     the crop suffix); ``on="image"`` votes on the image pair whatever view produced it. The seed keeps
@@ -132,7 +139,8 @@ def keep_voted(candidates: Candidates, min_votes: int | np.ndarray, on: VoteKey 
     c = candidates
     if len(c) == 0:
         return np.zeros(0, dtype=bool)
-    group, n_groups = _group(_vote_keys(c, on))
+    keys = _vote_keys(c, on) + ([] if family is None else [np.asarray(family)])
+    group, n_groups = _group(keys)
     model_group, _ = _group([group, c.model])  # one id per (key, model)
     first_of_model = np.unique(model_group, return_index=True)[1]
     votes = np.bincount(group[first_of_model], minlength=n_groups)

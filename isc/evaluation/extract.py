@@ -46,6 +46,7 @@ from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm
 
 from isc.data.images import load_image
+from isc.evaluation.families import ImagePrep
 from isc.evaluation.shards import (
     SHARD_FORMAT,
     default_name,
@@ -106,13 +107,19 @@ class ViewDataset(Dataset):
     """Each image's views at every scale: ``([tensor (n_views, 3, s, s) per scale], views, size, s, index)``.
 
     ``views`` is a function of the image, or the views of every image computed before (a second model
-    of an ensemble reuses the first one's instead of running the detectors again).
+    of an ensemble reuses the first one's instead of running the detectors again). ``prepare`` changes
+    each view's crop before it is resized (a model family's grey or blur, :mod:`isc.evaluation.families`);
+    the views are found on the unchanged image.
     """
 
     def __init__(
-        self, paths: Sequence[Path], scales: Sequence[int], views: ViewsOf | Sequence[list[View]]
+        self,
+        paths: Sequence[Path],
+        scales: Sequence[int],
+        views: ViewsOf | Sequence[list[View]],
+        prepare: ImagePrep | None = None,
     ) -> None:
-        self.paths, self.views = list(paths), views
+        self.paths, self.views, self.prepare = list(paths), views, prepare
         self.transforms = [eval_transform(s) for s in scales]
 
     def __len__(self) -> int:
@@ -124,6 +131,8 @@ class ViewDataset(Dataset):
         views = self.views(image) if callable(self.views) else self.views[index]
         view_seconds = time.perf_counter() - started if callable(self.views) else 0.0
         crops = [apply_view(image, v) for v in views]
+        if self.prepare is not None:
+            crops = [self.prepare(c) for c in crops]
         tensors = [torch.stack([t(c) for c in crops]) for t in self.transforms]
         return tensors, views, image.size, view_seconds, index
 
@@ -303,11 +312,12 @@ def _run(
     num_workers: int,
     device: torch.device,
     bar: Any,
+    prepare: ImagePrep | None = None,
 ) -> ViewDescriptors:
     """The loop: every view of ``paths`` at every scale, checked row by row (a bad row names its image)."""
     workers = min(num_workers, _usable_cpus())
     loader = DataLoader(
-        ViewDataset(paths, scales, views),
+        ViewDataset(paths, scales, views, prepare),
         batch_size=images_per_batch,
         num_workers=workers,
         pin_memory=device.type == "cuda",
@@ -382,6 +392,7 @@ class Listing:
     views_per_image: int = 1
     name: str | None = None
     desc: str = "descriptors"
+    prepare: ImagePrep | None = None
 
     def arguments(self) -> dict[str, Any]:
         return {
@@ -390,6 +401,7 @@ class Listing:
             "views_per_image": self.views_per_image,
             "name": self.name,
             "desc": self.desc,
+            "prepare": self.prepare,
         }
 
     def extract(self, model: nn.Module, **engine: Any) -> ViewDescriptors:
@@ -417,6 +429,7 @@ def extract(
     name: str | None = None,
     progress: bool = True,
     desc: str = "descriptors",
+    prepare: ImagePrep | None = None,
 ) -> ViewDescriptors:
     """Descriptors of every view of every image of ``paths`` at every scale of ``scales``.
 
@@ -425,6 +438,7 @@ def extract(
     keeps nothing; otherwise see the module docstring: a shard whose file matches the model, these
     settings and its images' paths, sizes and mtimes is read back instead of computed. ``name`` names
     the listing's folder under the key (default: the images' folder plus a short hash of its path).
+    ``prepare`` changes every view before it is resized (a model family's, part of the cache key).
     """
     result = _extract(
         model,
@@ -441,6 +455,7 @@ def extract(
         name=name,
         progress=progress,
         desc=desc,
+        prepare=prepare,
     )
     assert result is not None
     return result
@@ -480,6 +495,7 @@ def _extract(
     progress: bool = True,
     desc: str = "descriptors",
     share: tuple[int, int] | None = None,
+    prepare: ImagePrep | None = None,
 ) -> ViewDescriptors | None:
     files = [Path(p) for p in paths]
     names = [p.stem for p in files] if ids is None else [str(i) for i in ids]
@@ -500,7 +516,7 @@ def _extract(
         if cache_dir is None or not files:
             if share is not None:
                 return None  # no cache to share through (a share of nothing is done)
-            return _run(model, files, names, scales, views, per_batch, num_workers, dev, bar)
+            return _run(model, files, names, scales, views, per_batch, num_workers, dev, bar, prepare)
         return _through_cache(
             model,
             files,
@@ -515,6 +531,7 @@ def _extract(
             shard_size,
             name,
             share,
+            prepare,
         )
     finally:
         bar.close()
@@ -534,6 +551,7 @@ def _through_cache(
     shard_size: int,
     name: str | None,
     share: tuple[int, int] | None = None,
+    prepare: ImagePrep | None = None,
 ) -> ViewDescriptors | None:
     """The shards of the listing: each read back if valid, else computed and written. With ``share``
     (rank, world), only this rank's shards, and nothing is returned."""
@@ -543,7 +561,7 @@ def _through_cache(
         "format": SHARD_FORMAT,
         "model": model_fingerprint(model),
         "scales": list(scales),
-        "transform": stable_repr(eval_transform(0)),
+        "transform": stable_repr(eval_transform(0)) + ("" if prepare is None else f" after {prepare!r}"),
         "views": "precomputed" if precomputed else _views_key(views),
         "images_per_batch": per_batch,
         "shard_size": shard_size,
@@ -594,6 +612,7 @@ def _through_cache(
                 num_workers,
                 dev,
                 bar,
+                prepare,
             )
             write_shard(path, attrs, part.to_arrays())
             computed += 1

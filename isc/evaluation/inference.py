@@ -53,6 +53,8 @@ __all__ = ["ConcatModel", "TestStageRows", "run_test_stage", "share_test_stage"]
 
 log = logging.getLogger(__name__)
 
+_SPLITS = ("queries", "references", "training")
+
 
 class ConcatModel(nn.Module):
     """Several descriptor models as one: their unit descriptors concatenated (and re-normalised).
@@ -163,7 +165,7 @@ def run_test_stage(
     view_seconds = 0.0
     first: _ModelPass | None = None
     for m, model in enumerate(models):
-        tag = f"model {m + 1}/{len(models)}: " if len(models) > 1 else ""
+        tag = _tag(m, len(models), s)
         one = _search_model(model, m, paths, scales, views, s, tag, cache_dir)
         parts += one.candidates
         forward_seconds[m], crop_seconds[m] = one.forward_seconds, one.crop_seconds
@@ -212,13 +214,20 @@ def share_test_stage(
     scales = list(s.scales or [s.image_size])
     views: ViewsOf | Sequence[list[View]] = _query_views(s)
     for m, model in enumerate(models):
-        tag = f"model {m + 1}/{len(models)}: " if len(models) > 1 else ""
-        plan = _Plan.of(paths, scales, views, s, tag)
+        plan = _Plan.of(paths, scales, views, s, _tag(m, len(models), s), m)
         for listing in plan.listings():
             listing.extract_share(model, rank=rank, world=world, **s.engine(cache_dir))
         if m + 1 < len(models) and callable(views):  # views found per image: the first model's, read back
             sync()
             views = plan.queries.extract(model, **s.engine(cache_dir)).views
+
+
+def _tag(m: int, n_models: int, s: EvaluationSettings) -> str:
+    """The progress bars' prefix: which model (and family) is extracting."""
+    if n_models == 1:
+        return ""
+    family = s.ensemble.family(m)
+    return f"model {m + 1}/{n_models}{'' if family is None else f' ({family.name})'}: "
 
 
 @dataclass(frozen=True)
@@ -232,12 +241,15 @@ class _Block:
 class _Plan:
     """What one model's pass extracts: the whitening's training sample (when the training set spans
     several blocks), the query views, the training set and the references, ``evaluation.reference_block``
-    images at a time (references with their 18 crops when configured)."""
+    images at a time (references with their 18 crops when configured). Model ``m``'s family (if any)
+    decides how its images are changed first; only the first family searches the reference crops, as
+    only the seed's baseline trio does (``Test/final/V5_baseline_CC_ref/``)."""
 
     whitening: Listing | None
     training: list[Listing]
     queries: Listing
     blocks: list[_Block]
+    crops: bool
 
     @classmethod
     def of(
@@ -247,7 +259,13 @@ class _Plan:
         views: ViewsOf | Sequence[list[View]],
         s: EvaluationSettings,
         tag: str,
+        m: int = 0,
     ) -> _Plan:
+        family = s.ensemble.family(m)
+        prep = {split: None if family is None else family.prep(split) for split in _SPLITS}
+        with_crops = s.local_verification.reference_crops and (
+            family is None or family == s.ensemble.families[0]
+        )
         train, size = list(paths.get("training", ())), s.reference_block
         training = [
             Listing(
@@ -255,6 +273,7 @@ class _Plan:
                 scales,
                 name=f"training-{start:09d}",
                 desc=f"{tag}training {start}-{start + len(train[start : start + size])} of {len(train)}",
+                prepare=prep["training"],
             )
             for start in range(0, len(train), size)
         ]
@@ -267,16 +286,19 @@ class _Plan:
                 scales,
                 name="training-whitening",
                 desc=f"{tag}training: the whitening's {len(sample)}",
+                prepare=prep["training"],
             )
         per_image = 1 if views is whole_image else 20
-        queries = Listing(paths["queries"], scales, views, per_image, "queries", f"{tag}queries")
+        queries = Listing(
+            paths["queries"], scales, views, per_image, "queries", f"{tag}queries", prep["queries"]
+        )
         refs = list(paths["references"])
         blocks = []
         for start in range(0, len(refs), size):
             block = refs[start : start + size]
             where = f"{tag}references {start}-{start + len(block)} of {len(refs)}"
             crops = None
-            if s.local_verification.reference_crops:
+            if with_crops:
                 # D2LV matches the original query against the 19 crops at its first scale only
                 # (Test/README.md: "OQ+AR should NOT be repeated" at 200 / 320 px)
                 crops = Listing(
@@ -286,11 +308,13 @@ class _Plan:
                     18,
                     f"references-{start:09d}-crops",
                     f"{where}: 18 crops each",
+                    prep["references"],
                 )
-            blocks.append(
-                _Block(start, Listing(block, scales, name=f"references-{start:09d}", desc=where), crops)
+            whole = Listing(
+                block, scales, name=f"references-{start:09d}", desc=where, prepare=prep["references"]
             )
-        return cls(whitening, training, queries, blocks)
+            blocks.append(_Block(start, whole, crops))
+        return cls(whitening, training, queries, blocks, with_crops)
 
     def listings(self) -> list[Listing]:
         first = [self.whitening] if self.whitening is not None else []
@@ -371,8 +395,7 @@ def _search_model(
     cache_dir: Path | None = None,
 ) -> _ModelPass:
     """One model: training -> post-processing per entry -> query views -> references block by block."""
-    lv = s.local_verification
-    plan = _Plan.of(paths, scales, views, s, tag)
+    plan = _Plan.of(paths, scales, views, s, tag, m)
 
     def run(listing: Listing) -> ViewDescriptors:
         return listing.extract(model, **s.engine(cache_dir))
@@ -423,7 +446,7 @@ def _search_model(
     ref_table = np.concatenate(ref_tables).astype(np.int32)  # (n_reference_views, 2): image, crop index
     # (entry, view, hit, score, query view of each searched row, reference view offset)
     searches = [(e, *search.pairs(), np.arange(n_views), 0) for e, search in enumerate(whole)]
-    if lv.reference_crops:
+    if plan.crops:
         # every row of the crop search is kept, its whole-reference rows (crop _0) too, and marked as the
         # crop search's (reference view 1 + crop index) so they are penalised and voted as the seed does
         # (Test/final/combine.py:47-48 strips the crop suffixes, so :85-92 penalises every crop-search row)
@@ -564,7 +587,8 @@ def _aggregate(
         subset = subset.with_scores(subset.score - penalty)
     if ensemble is not None and ensemble.rule == "vote":
         votes = np.where(subset.reference_view > 0, ensemble.crop_votes, ensemble.min_votes)
-        keep = keep_voted(subset, votes, on=ensemble.vote_on)  # type: ignore[arg-type]
+        family = ensemble.family_of_model(len(ensemble.models))[subset.model] if ensemble.families else None
+        keep = keep_voted(subset, votes, on=ensemble.vote_on, family=family)  # type: ignore[arg-type]
         index, subset = index[keep], subset.take(keep)
         if ensemble.combine == "mean":
             subset, representative = mean_over_models(subset, on=ensemble.vote_on)  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from isc.evaluation.families import Family
 from isc.evaluation.search import Backend
 from isc.evaluation.views import QueryViews
 
@@ -93,6 +94,9 @@ class Ensemble:
     models return it (``vote_on`` the view pair as the seed does, or the image pair); ``combine="pool"``
     keeps the agreeing models' rows for the max / top-2 aggregation (the seed), ``"mean"`` averages them.
     ``rule="concat"``: the models' unit descriptors are concatenated and PCA-whitened to ``concat_dim``.
+    ``families`` (:class:`isc.evaluation.families.Family`, D2LV's 33 models): the models are listed by
+    family instead, each family's rows vote among its own models only, every family's agreeing rows are
+    pooled, and each family sees its test images through its own changes (grey, blurred references).
     """
 
     models: tuple[str, ...] = ()
@@ -102,10 +106,48 @@ class Ensemble:
     vote_on: str = "view"
     combine: str = "pool"
     concat_dim: int = 256
+    families: tuple[Family, ...] = ()  # D2LV's 11 x 3 models: each family votes apart, then rows concat
+
+    def __post_init__(self) -> None:
+        if not self.families:
+            return
+        families = tuple(f if isinstance(f, Family) else Family.from_dict(f) for f in self.families)
+        names = [f.name for f in families]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{Family.KEY}: family names must be unique, got {names}")
+        if self.models and self.models != tuple(m for f in families for m in f.models):  # replace() re-runs
+            raise ValueError(
+                f"evaluation.ensemble.models and {Family.KEY} both given: list the models in their families "
+                "only (evaluation.ensemble.models=[])"
+            )
+        if self.rule != "vote" or self.combine != "pool":
+            raise ValueError(
+                f"{Family.KEY} vote within each family and pool the agreeing rows: evaluation.ensemble.rule "
+                f"must be vote and combine pool, got {self.rule!r} and {self.combine!r}"
+            )
+        object.__setattr__(self, "families", families)
+        object.__setattr__(self, "models", tuple(m for f in families for m in f.models))
 
     @property
     def crop_votes(self) -> int:
         return self.min_votes if self.crop_min_votes is None else self.crop_min_votes
+
+    @property
+    def voters(self) -> int:
+        """The fewest models a vote is taken among: a family's (the smallest), else every model."""
+        return min(len(f.models) for f in self.families) if self.families else len(self.models)
+
+    def family_of_model(self, n_models: int) -> np.ndarray:
+        """(n_models,) int64: each model's family index (all 0 without families)."""
+        if not self.families:
+            return np.zeros(n_models, dtype=np.int64)
+        return np.repeat(np.arange(len(self.families)), [len(f.models) for f in self.families])
+
+    def family(self, model: int) -> Family | None:
+        """The family of model index ``model``, or None without families."""
+        if not self.families:
+            return None
+        return self.families[int(self.family_of_model(len(self.models))[model])]
 
 
 @dataclass(frozen=True)
@@ -206,15 +248,15 @@ class EvaluationSettings:
                 "evaluation.ensemble.vote_on must be view or image and evaluation.ensemble.combine pool or "
                 f"mean, got {e.vote_on!r} and {e.combine!r}"
             )
-        if e.models and not 1 <= e.min_votes <= len(e.models):
+        voters = "models of the smallest family" if e.families else "models of evaluation.ensemble.models"
+        if e.models and not 1 <= e.min_votes <= e.voters:
             raise ValueError(
-                f"evaluation.ensemble.min_votes={e.min_votes} must be between 1 and the "
-                f"{len(e.models)} models of evaluation.ensemble.models"
+                f"evaluation.ensemble.min_votes={e.min_votes} must be between 1 and the {e.voters} {voters}"
             )
-        if e.models and not 1 <= e.crop_votes <= len(e.models):
+        if e.models and not 1 <= e.crop_votes <= e.voters:
             raise ValueError(
                 f"evaluation.ensemble.crop_min_votes={e.crop_min_votes} must be null or between 1 and the "
-                f"{len(e.models)} models of evaluation.ensemble.models"
+                f"{e.voters} {voters}"
             )
         if self.whitening.samples is not None and self.whitening.samples < 1:
             raise ValueError(

@@ -586,3 +586,43 @@ def test_whitening_on_every_image_of_a_multi_block_training_set_is_warned(caplog
     with caplog.at_level("WARNING"):
         _settings(whitening={"enabled": True, "dim": 3, "samples": 4}, reference_block=2).for_training_set(6)
     assert "whitening.samples" not in caplog.text
+
+
+def test_families_pool_their_rows_and_a_grey_family_sees_grey_images(full_run):
+    """Two one-model families (colour and grey) of the same model: each votes alone (1 of 1), the
+    ensemble stage pools both families' rows, so every pair of the colour family alone is kept with a
+    score at least as high; the grey family's rows are its own (the grey prep reached its extraction)."""
+    _, paths, ids, gt = full_run
+    families = [{"name": "colour", "models": ["a"]}, {"name": "grey", "models": ["b"], "grey": True}]
+    s = _settings(
+        scales=[128],
+        local_verification={**SETTINGS["local_verification"], "reference_crops": False},
+        ensemble={"families": families, "min_votes": 1},
+    )
+    model = _model()
+    result = run_test_stage([model, model], paths, ids, s, gt)
+    colour, pooled = result.stages[-2], result.stages[-1]
+    assert (colour.name, pooled.name) == ("+ local verification", "+ ensemble")
+    best = dict(
+        zip(
+            zip(pooled.predictions.query_ids, pooled.predictions.reference_ids, strict=True),
+            pooled.predictions.scores,
+            strict=True,
+        )
+    )
+    for q, r, score in zip(
+        colour.predictions.query_ids, colour.predictions.reference_ids, colour.predictions.scores, strict=True
+    ):
+        assert best[(q, r)] >= score - 1e-6
+    c = result.rows.candidates
+    by_model = [
+        {
+            (int(v), int(r)): float(x)
+            for v, r, x in zip(
+                c.query_view[c.model == m], c.reference[c.model == m], c.score[c.model == m], strict=True
+            )
+        }
+        for m in (0, 1)
+    ]
+    shared = set(by_model[0]) & set(by_model[1])
+    assert shared and max(abs(by_model[0][k] - by_model[1][k]) for k in shared) > 1e-3
