@@ -223,6 +223,13 @@ def test_view_validation():
 def test_default_proposal_filters_are_the_seeds():
     s = ProposalSettings()
     # selective_search_nms.py:57-58 (scale 500, sigma 0.9, min_size 10), :64-66 (2000 px), :69 (2), :77 (0.5)
-    assert (s.scale, s.sigma, s.min_size, s.min_pixels, s.max_aspect, s.nms_iou) == (500, 0.9, 10, 2000, 2, 0.5)
+    assert (s.scale, s.sigma, s.min_size, s.min_pixels, s.max_aspect, s.nms_iou) == (
+        500,
+        0.9,
+        10,
+        2000,
+        2,
+        0.5,
+    )
     assert s.max_side is None  # full resolution
     assert all(isinstance(b, tuple) for b in itertools.chain(five_crops(W, H), reference_crop_boxes(W, H)))
