@@ -16,9 +16,9 @@ from PIL import Image
 
 import run
 import tasks
-from isc.evaluation.extract import extract
-from isc.evaluation.aggregate import Candidates
 from isc.evaluation import inference
+from isc.evaluation.aggregate import Candidates
+from isc.evaluation.extract import extract
 from isc.evaluation.inference import ConcatModel, run_test_stage
 from isc.evaluation.matching import match_descriptors
 from isc.evaluation.settings import EvaluationSettings
