@@ -51,8 +51,9 @@ def _value(text: str) -> object:
     return float(text) if "." in text else int(text)
 
 
-def main(argv: list[str]) -> None:
-    overrides = {k: _value(v) for k, v in (a.split("=", 1) for a in argv)}
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    overrides = {k: _value(v) for k, v in (a.split("=", 1) for a in args)}
     settings = ProposalSettings(**overrides)  # type: ignore[arg-type]
     photos = [p for p in map(_photo, PHOTOS) if p is not None]
     selective_search_boxes(photos[0], settings)
@@ -69,4 +70,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
