@@ -41,12 +41,13 @@ from isc.evaluation.aggregate import (
 )
 from isc.evaluation.blocked import empty_topk, knn_into, searcher
 from isc.evaluation.extract import Listing, ViewDescriptors, ViewsOf, whole_image
+from isc.evaluation.faces import FaceSettings, detect_faces
 from isc.evaluation.matching import fit_postprocessing
 from isc.evaluation.metrics import evaluate
 from isc.evaluation.postprocess import PostProcessing, bias_of_neighbours, l2_normalize
 from isc.evaluation.results import EvaluationResult, Evidence, StageResult
 from isc.evaluation.settings import Ensemble, EvaluationSettings
-from isc.evaluation.views import View, query_views, reference_views
+from isc.evaluation.views import View, query_views, reference_views, small_views
 from isc.formats.pairs import GroundTruth, Predictions
 
 __all__ = ["ConcatModel", "TestStageRows", "run_test_stage", "share_test_stage"]
@@ -125,9 +126,25 @@ class TestStageRows:
         return out
 
 
-def _reference_crops(image: Image.Image) -> list[View]:
-    """D2LV's 18 reference crops (index 0, the whole image, is searched with every scale)."""
-    return reference_views(image.width, image.height, crops=True)[1:]
+@dataclass(frozen=True)
+class ReferenceCrops:
+    """D2LV's 18 reference crops (index 0, the whole image, is searched with every scale), then, with
+    ``faces.enabled``, one ``"face"`` view per face found on the reference (:mod:`isc.evaluation.faces`).
+
+    The face views only mark the reference: they are not searched, and the crop search's rows of a marked
+    reference are dropped after the search (seed ``Test/final/combine.py:47-48``). Detecting here, where
+    the DataLoader worker has the reference open for its crops, costs no second decode, and the marks are
+    cached with the crops' shards.
+    """
+
+    faces: FaceSettings = FaceSettings()
+
+    def __call__(self, image: Image.Image) -> list[View]:
+        crops = reference_views(image.width, image.height, crops=True)[1:]
+        if not self.faces.enabled:
+            return crops
+        found = detect_faces(image, self.faces)
+        return crops + [View("face", (int(x0), int(y0), int(x1), int(y1))) for x0, y0, x1, y1 in found]
 
 
 def run_test_stage(
@@ -304,7 +321,7 @@ class _Plan:
                 crops = Listing(
                     block,
                     scales[:1],
-                    _reference_crops,
+                    ReferenceCrops(s.local_verification.reference_faces),
                     18,
                     f"references-{start:09d}-crops",
                     f"{where}: 18 crops each",
@@ -420,6 +437,7 @@ def _search_model(
     ref_tables: list[np.ndarray] = []  # (image, crop index) of every reference row searched
     sizes: list[tuple[int, int]] = []
     global_refs: list[np.ndarray] = []
+    face_refs: list[np.ndarray] = []  # references with a face (their crop-search rows are dropped)
     n_ref_views, crop_seconds = 0, 0.0
     for block in plan.blocks:
         start, n_block = block.start, len(block.whole.paths)
@@ -436,12 +454,15 @@ def _search_model(
         if block.crops is not None:
             rc = run(block.crops)
             crop_seconds += float(np.sum(rc.model_seconds)) + rc.view_seconds
-            crop_index = np.concatenate([np.arange(1, len(v) + 1) for v in rc.views])
+            face = np.array([v.kind == "face" for vs in rc.views for v in vs], dtype=bool)
+            face_refs.append(np.unique(rc.owner[face]) + start)
+            crop_index = np.concatenate([np.arange(1, len(v) + 1) for v in rc.views])[~face]
             crop_rows = n_ref_views + np.arange(len(crop_index))
-            ref_tables.append(np.stack([rc.owner + start, crop_index], axis=1))
+            ref_tables.append(np.stack([rc.owner[~face] + start, crop_index], axis=1))
             n_ref_views += len(crop_index)
             crops.add(
-                np.concatenate([global_refs[-1], post[0].apply(rc.per_scale[0])]), np.r_[rows, crop_rows]
+                np.concatenate([global_refs[-1], post[0].apply(rc.per_scale[0][~face])]),
+                np.r_[rows, crop_rows],
             )
     ref_table = np.concatenate(ref_tables).astype(np.int32)  # (n_reference_views, 2): image, crop index
     # (entry, view, hit, score, query view of each searched row, reference view offset)
@@ -451,6 +472,19 @@ def _search_model(
         # crop search's (reference view 1 + crop index) so they are penalised and voted as the seed does
         # (Test/final/combine.py:47-48 strips the crop suffixes, so :85-92 penalises every crop-search row)
         view, hit, score = crops.pairs()
+        if (
+            s.local_verification.reference_faces.enabled
+        ):  # after the search, as the seed cleans its result CSV
+            faces = np.concatenate(face_refs) if face_refs else np.zeros(0, dtype=np.int64)
+            keep = ~np.isin(ref_table[hit, 0], faces)
+            log.info(
+                "%sreference faces: %d of %d references hold a face; %d of their crop-search rows dropped",
+                tag,
+                len(faces),
+                len(sizes),
+                int(np.sum(~keep)),
+            )
+            view, hit, score = view[keep], hit[keep], score[keep]
         searches.append((0, view, hit, score, original, 1))
     candidates = [
         Candidates(
@@ -523,7 +557,23 @@ def _stages(
         )
     rows, local = steps[-1][1], False
     if lv.enabled:
-        rows, local = multi & whole, True
+        # rows of small views (the original's too) are dropped after the search, as the seed's
+        # clean_small_query* drop them from the query-view families' CSVs (combine.py:4-26, :45-78); the
+        # reference-crop search's rows are not (combine.py:47-48 cleans that CSV of faces only); each
+        # family has its own limit (evaluation.ensemble.families[*].min_size)
+        limits = np.array([_min_size(s, m) for m in range(n_models)])
+        unique, limit_of_model = np.unique(limits, return_inverse=True)
+        small = np.stack([small_views(result.query_views, int(x)) for x in unique])  # (limits, views)
+        for x, mask in zip(unique, small, strict=True):
+            if mask.any():
+                log.info(
+                    "%d of %d query views are under %d px (evaluation.local_verification.query.min_size "
+                    "or the family's min_size): their rows are dropped",
+                    int(mask.sum()),
+                    len(mask),
+                    int(x),
+                )
+        rows, local = multi & whole & ~small[limit_of_model[c.model], c.query_view], True
         steps.append(("+ local verification", rows, local, seconds(1, entries, 1.0, True)))
     if lv.reference_crops:
         rows, local = rows | (original & ~whole), True  # crops are searched at the first scale only
@@ -538,6 +588,14 @@ def _stages(
         t = seconds(n_models, entries, 1.0 if lv.enabled else view_share, lv.enabled, lv.reference_crops)
         outcomes.append(_score("+ ensemble", rows, local, result, s, named, ground_truth, t, ensemble=e))
     return outcomes
+
+
+def _min_size(s: EvaluationSettings, model: int) -> int:
+    """The smallest query view side model ``model``'s rows keep: its family's, else the query settings'."""
+    family = s.ensemble.family(model)
+    if family is not None and family.min_size is not None:
+        return family.min_size
+    return s.local_verification.query.min_size
 
 
 def _score(

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from isc.evaluation.faces import FaceSettings
 from isc.evaluation.families import Family
 from isc.evaluation.search import Backend
 from isc.evaluation.views import QueryViews
@@ -71,12 +72,15 @@ class LocalVerification:
     nested ``proposals`` / ``overlays`` detector settings). ``penalty`` is subtracted from rows of any
     view whose kind is not in ``penalty_free`` (seed ``Test/final/combine.py``: 0.05 off everything but
     the original query and detected overlays); a pair's score is the mean of its ``top`` best distinct
-    view scores (seed: 2).
+    view scores (seed: 2). ``reference_faces`` (:class:`isc.evaluation.faces.FaceSettings`): drop the
+    reference-crop search's rows of references with a face (seed ``Test/final/combine.py:47-48``); it
+    does nothing without ``reference_crops``.
     """
 
     enabled: bool = False
     query: QueryViews = field(default_factory=QueryViews)
     reference_crops: bool = False
+    reference_faces: FaceSettings = field(default_factory=FaceSettings)
     penalty: float = 0.05
     penalty_free: tuple[str, ...] = ("original", "overlay")
     top: int = 2
@@ -84,6 +88,21 @@ class LocalVerification:
     def __post_init__(self) -> None:
         if isinstance(self.query, Mapping):  # from the config: unknown keys fail here, before extraction
             object.__setattr__(self, "query", QueryViews.from_dict(self.query))
+        faces = self.reference_faces
+        if isinstance(faces, Mapping):
+            known = {f.name for f in dataclasses.fields(FaceSettings)}
+            unknown = sorted(set(faces) - known)
+            if unknown:
+                raise ValueError(
+                    f"unknown key(s) {', '.join(f'{FaceSettings.KEY}.{k}' for k in unknown)}; valid keys: "
+                    + ", ".join(f"{FaceSettings.KEY}.{k}" for k in sorted(known))
+                )
+            object.__setattr__(self, "reference_faces", FaceSettings(**dict(faces)))
+        elif not isinstance(faces, FaceSettings):
+            raise ValueError(
+                f"{FaceSettings.KEY} must be a mapping (switch it off with {FaceSettings.KEY}.enabled=false), "
+                f"got {faces!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,15 @@ Query views, in order (the seed's file suffixes in brackets), configured by :cla
 - rotations by 90, 180, 270 degrees counter-clockwise (``_1``.. ``_3``, ``Test/augmentation/query/rotate.py``);
 - five crops: the centre half and four overlapping thirds (``_4``.. ``_8``,
   ``Test/augmentation/query/center.py``);
-- selective-search proposals (``_10``.., ``Test/augmentation/query/selective_search_nms.py``), here with
-  OpenCV's implementation on a downscaled copy instead of the ``selectivesearch`` package
-  (:mod:`isc.evaluation.proposals`);
+- selective-search proposals (``_10``.., ``Test/augmentation/query/selective_search_nms.py``), the
+  ``selectivesearch`` package's algorithm at full resolution (:mod:`isc.evaluation.proposals`);
 - pasted-image ("overlay") regions: D2LV trained a YOLOv5 to find them; here a classical, offline detector
   of axis-aligned rectangles whose perimeter lies on step edges (:mod:`isc.evaluation.overlays`).
 
-Views whose shorter side is under ``min_size`` pixels are dropped, except the original
-(``Test/final/generate_100_150_200.py`` lists the 100/150/200-px views the seed discarded).
+Every view is extracted and searched; the rows of views whose width or height is under ``min_size``
+pixels, the original's too, are dropped after the search (:func:`small_views`; seed
+``Test/final/generate_100_150_200.py:9-13`` lists every file of the views folder, and
+``Test/final/combine.py:4-26`` drops those views' rows from each family's result).
 
 Reference views: the whole image, the 2x2 grid, the centre, the 3x3 grid and the four overlapping
 crops, 19 in all (``Test/augmentation/reference/dividing.py``).
@@ -51,9 +52,11 @@ __all__ = [
     "query_views",
     "reference_crop_boxes",
     "reference_views",
+    "small_views",
 ]
 
-ViewKind = Literal["original", "rotation", "crop", "proposal", "overlay", "reference_crop"]
+# "face": a face found on a reference (isc.evaluation.faces), marking it for the reference-crop stage
+ViewKind = Literal["original", "rotation", "crop", "proposal", "overlay", "reference_crop", "face"]
 Box = tuple[int, int, int, int]
 
 ROTATIONS = (0, 90, 180, 270)
@@ -113,7 +116,8 @@ class QueryViews:
 
     rotations: bool = True  # 90 / 180 / 270 degrees (rotate.py)
     crops: bool = True  # centre + four overlapping crops (center.py)
-    # Views whose shorter side is smaller are dropped (Test/final/generate_100_150_200.py).
+    # Rows of views (the original too) narrower or lower than this are dropped after the search
+    # (Test/final/generate_100_150_200.py:12, combine.py:4-26); see small_views.
     min_size: int = 100
     proposals: ProposalSettings = field(default_factory=ProposalSettings)
     overlays: OverlaySettings = field(default_factory=OverlaySettings)
@@ -238,8 +242,8 @@ def reference_crop_boxes(width: int, height: int) -> list[Box]:
 def query_views(image: Image.Image, config: QueryViews) -> list[View]:
     """The views one query expands to: the original first, then rotations, crops, proposals, overlays.
 
-    Views with a shorter side under ``config.min_size`` pixels are dropped (never the original), and
-    a view repeating an earlier one's box and rotation is dropped.
+    A view repeating an earlier one's box and rotation is dropped. Small views are kept: the seed
+    extracts and searches them, then drops their rows (``config.min_size``, :func:`small_views`).
     """
     width, height = image.size
     full: Box = (0, 0, width, height)
@@ -258,11 +262,21 @@ def query_views(image: Image.Image, config: QueryViews) -> list[View]:
     seen = {(full, 0)}
     for view in candidates:
         key = (view.box, view.rotation)
-        if key in seen or min(view.width, view.height) < config.min_size:
+        if key in seen:
             continue
         seen.add(key)
         views.append(view)
     return views
+
+
+def small_views(views: list[View], min_size: int) -> np.ndarray:
+    """(n,) bool: the views whose width or height is under ``min_size`` pixels, the original's included.
+
+    The seed's ``size[0] < 200 or size[1] < 200`` over every file of the query-views folder
+    (``Test/final/generate_100_150_200.py:9-13``, 100 at :12, 150 at :23, 200 at :34); their rows are
+    dropped after the search (``Test/final/combine.py:4-26``).
+    """
+    return np.array([min(v.width, v.height) < min_size for v in views], dtype=bool)
 
 
 def _box_tuple(box: np.ndarray) -> Box:

@@ -151,3 +151,43 @@ def test_family_is_a_frozen_setting():
     f = Family("a", ("m",))
     with pytest.raises(AttributeError):
         f.grey = True  # type: ignore[misc]
+
+
+def test_each_family_drops_the_rows_of_views_under_its_own_min_size():
+    """Hand-worked: query 0 has a 300-px original (view 0) and a 100-px crop (view 1); family a keeps
+    views of 40 px and more, family b of 150 px (the seed's clean_small_query / _150 per family)."""
+    from isc.evaluation import inference
+    from isc.evaluation.views import View
+
+    rows = inference.TestStageRows(
+        Candidates(
+            query=np.zeros(3, dtype=np.int64),
+            reference=np.array([0, 1, 2]),
+            score=np.array([0.9, 0.95, 0.6]),
+            query_view=np.array([1, 1, 0]),
+            reference_view=np.zeros(3, dtype=np.int64),
+            scale=np.zeros(3, dtype=np.int64),
+            model=np.array([0, 1, 1]),
+        ),
+        [View("original", (0, 0, 300, 300)), View("crop", (0, 0, 100, 100))],
+        [(300, 300)] * 3,
+        ["224 px"],
+    )
+    families = [
+        {"name": "a", "models": ["m0"], "min_size": 40},
+        {"name": "b", "models": ["m1"], "min_size": 150},
+    ]
+    s = EvaluationSettings.from_dict(
+        {
+            "score_normalization": {"enabled": False},
+            "local_verification": {"enabled": True},
+            "ensemble": {"families": families, "min_votes": 1},
+        }
+    )
+    ids = {"queries": ["Q0"], "references": ["R0", "R1", "R2"]}
+    stages = inference._stages(rows, s, ids, None, np.ones((2, 1)), 0.0, np.zeros(2))
+    assert stages[-1].stage.name == "+ ensemble"
+    p = stages[-1].stage.predictions
+    got = {(q, r): round(float(x), 4) for q, r, x in zip(p.query_ids, p.reference_ids, p.scores, strict=True)}
+    # family a's crop row stays (0.9 - 0.05 penalty); family b's crop row is under its 150 px: dropped
+    assert got == {("Q0", "R0"): 0.85, ("Q0", "R2"): 0.6}

@@ -16,10 +16,13 @@ from PIL import Image
 
 import run
 import tasks
+from isc.evaluation import inference
+from isc.evaluation.aggregate import Candidates
 from isc.evaluation.extract import extract
 from isc.evaluation.inference import ConcatModel, run_test_stage
 from isc.evaluation.matching import match_descriptors
 from isc.evaluation.settings import EvaluationSettings
+from isc.evaluation.views import View
 from isc.formats.pair_csv import read_predictions, write_ground_truth
 from isc.formats.pairs import GroundTruth
 from isc.models.descriptor import DescriptorModel, save_descriptor_model
@@ -198,6 +201,69 @@ def test_stages_are_cumulative_and_outputs_meet_the_official_rules(full_run):
         key = (int(c.query_view[i]), int(c.reference[i]))
         if key in views_search:
             assert float(c.score[i]) == pytest.approx(views_search[key], abs=1e-5)
+
+
+def test_rows_of_small_views_are_dropped_after_the_search_originals_too():
+    # query 0: a 50 x 50 original; query 1: a 300 x 300 original and a 100 x 100 crop; min_size 80
+    views = [
+        View("original", (0, 0, 50, 50)),
+        View("original", (0, 0, 300, 300)),
+        View("crop", (0, 0, 100, 100)),
+    ]
+    rows = inference.TestStageRows(
+        Candidates(
+            query=np.array([0, 1, 1, 0]),
+            reference=np.array([0, 1, 0, 2]),
+            score=np.array([0.9, 0.8, 0.95, 0.7]),
+            query_view=np.array([0, 1, 2, 0]),
+            reference_view=np.array([0, 0, 0, 1]),  # the last row: the reference-crop search's
+            scale=np.zeros(4, dtype=np.int64),
+            model=np.zeros(4, dtype=np.int64),
+        ),
+        views,
+        [(100, 100)] * 3,
+        ["224 px"],
+    )
+    s = EvaluationSettings.from_dict(
+        {
+            "score_normalization": {"enabled": False},
+            "local_verification": {"enabled": True, "reference_crops": True, "query": {"min_size": 80}},
+        }
+    )
+    ids = {"queries": ["Q0", "Q1"], "references": ["R0", "R1", "R2"]}
+    stages = inference._stages(rows, s, ids, None, np.ones((1, 1)), 0.0, np.zeros(1))
+
+    def pairs(i: int) -> dict[tuple[str, str], float]:
+        p = stages[i].stage.predictions
+        return {
+            (q, r): round(float(x), 4) for q, r, x in zip(p.query_ids, p.reference_ids, p.scores, strict=True)
+        }
+
+    assert pairs(0) == {("Q0", "R0"): 0.9, ("Q1", "R1"): 0.8}  # the global stage filters nothing
+    # local verification: Q0's tiny original loses its row; Q1's 100-px crop stays (0.95 - 0.05)
+    assert pairs(1) == {("Q1", "R1"): 0.8, ("Q1", "R0"): 0.9}
+    # the reference-crop search's rows are not filtered by size (the seed cleans that CSV of faces only)
+    assert pairs(2) == {("Q1", "R1"): 0.8, ("Q1", "R0"): 0.9, ("Q0", "R2"): 0.65}
+
+
+@pytest.mark.slow  # two test-stage runs
+def test_face_references_lose_their_crop_rows_and_nothing_else(photo_benchmark):
+    paths, ids = _splits(photo_benchmark)
+    base = dict(scales=[128], local_verification={"enabled": False, "reference_crops": True})
+    plain = run_test_stage([_model()], paths, ids, _settings(**base))
+    faces = dict(
+        base, local_verification={**base["local_verification"], "reference_faces": {"enabled": True}}
+    )
+    cleaned = run_test_stage([_model()], paths, ids, _settings(**faces))
+    a, b = plain.rows.candidates, cleaned.rows.candidates
+    # the cascade finds one face among the 7 references: the astronaut, R000000 (index 0)
+    face_crop_rows = (a.reference == 0) & (a.reference_view >= 1)
+    assert face_crop_rows.any() and not ((b.reference == 0) & (b.reference_view >= 1)).any()
+    rest = a.take(~face_crop_rows)
+    for column in ("query", "reference", "query_view", "reference_view", "scale", "model"):
+        np.testing.assert_array_equal(getattr(b, column), getattr(rest, column))
+    np.testing.assert_allclose(b.score, rest.score, atol=1e-6)
+    assert plain.stages[0].predictions.scores.tolist() == cleaned.stages[0].predictions.scores.tolist()
 
 
 def test_blocked_reference_search_gives_the_same_candidates(full_run, photo_benchmark):
@@ -388,6 +454,10 @@ def test_d2lv_inference_recipe_has_the_seeds_values_and_asks_for_its_models(tmp_
         2,
         200,
     )
+    # every proposal at full resolution (selective_search_nms.py:53-80); faces drop crop rows (combine.py:47-48)
+    pr = lv.query.proposals
+    assert (pr.max_proposals, pr.max_side, pr.min_pixels) == (None, None, 2000)
+    assert lv.reference_faces.enabled and not EvaluationSettings().local_verification.reference_faces.enabled
     assert (e.models, e.rule, e.min_votes) == (("a.pt", "b.pt", "c.pt"), "vote", 2)
     track = tasks.common.evaluation_settings(compose_cfg(["task=evaluate", "evaluation=d2lv_256"], tmp_path))
     assert (track.whitening.dim, track.whitening.raw, track.descriptor_track_max_dim) == (256, True, 256)

@@ -12,7 +12,7 @@ from view_images import inside, paste
 
 from isc.evaluation.boxes import box_iou
 from isc.evaluation.overlays import OverlaySettings
-from isc.evaluation.proposals import DEFAULT_MIN_AREA_FRACTION, ProposalSettings
+from isc.evaluation.proposals import ProposalSettings
 from isc.evaluation.views import (
     QueryViews,
     View,
@@ -21,6 +21,7 @@ from isc.evaluation.views import (
     query_views,
     reference_crop_boxes,
     reference_views,
+    small_views,
 )
 
 W, H = 301, 199  # odd sizes so every int(size * fraction) truncates
@@ -100,32 +101,42 @@ def test_query_views_order_and_toggles():
     assert query_views(image, only) == [View("original", (0, 0, W, H))]
 
 
-def test_query_views_min_size():
+def test_small_views_are_kept_as_views_and_marked_originals_included():
     image = Image.new("RGB", (W, H))
-    # Centre crop is 150x100 (kept at 100), the overlapping ones 100x66 (dropped).
+    # min_size no longer drops views: the seed extracts and searches them, then drops their rows
     views = query_views(image, dataclasses.replace(NO_DETECTORS, min_size=100))
-    assert [v.kind for v in views] == ["original", "rotation", "rotation", "rotation", "crop"]
-    # Above the image's own shorter side only the original is left.
-    assert query_views(image, QueryViews(min_size=250)) == [View("original", (0, 0, W, H))]
+    assert len(views) == 9
+    # Centre crop is 150x100 (not small at 100), the overlapping ones 100x66 (small).
+    assert small_views(views, 100).tolist() == [False] * 5 + [True] * 4
+    # Above the image's own shorter side (199) every view is small, the original and rotations too.
+    assert small_views(views, 200).all()
+    assert not small_views(views, 0).any()
+    # width or height: a 300 x 150 view is small at 151, whatever its rotation
+    assert small_views([View("crop", (0, 0, 300, 150), r) for r in (0, 90)], 151).tolist() == [True, True]
 
 
 def test_query_views_with_detectors():
     image = paste("coffee", "astronaut", (640, 480), (150, 100, 450, 400))
-    config = QueryViews(proposals=ProposalSettings(max_proposals=6), min_size=60)
+    config = QueryViews(proposals=ProposalSettings(max_proposals=6, max_side=320), min_size=60)
     views = query_views(image, config)
     kinds = [v.kind for v in views]
     assert kinds[0] == "original" and "proposal" in kinds and "overlay" in kinds
     order = ["original", "rotation", "crop", "proposal", "overlay"]
     assert [order.index(k) for k in kinds] == sorted(order.index(k) for k in kinds)
     assert kinds.count("proposal") <= 6
-    assert all(min(v.width, v.height) >= 60 for v in views[1:])
     assert all(inside(np.array([v.box]), 640, 480) for v in views)
     assert len({(v.box, v.rotation) for v in views}) == len(views)
     overlays = np.array([v.box for v in views if v.kind == "overlay"])
     assert box_iou(overlays, np.array([[150, 100, 450, 400]])).max() > 0.7
     assert views == query_views(image, config)
     only_proposals = query_views(
-        image, QueryViews(rotations=False, crops=False, overlays=OverlaySettings(enabled=False))
+        image,
+        QueryViews(
+            rotations=False,
+            crops=False,
+            proposals=ProposalSettings(max_side=320),
+            overlays=OverlaySettings(enabled=False),
+        ),
     )
     assert {v.kind for v in only_proposals} == {"original", "proposal"}
 
@@ -209,6 +220,16 @@ def test_view_validation():
     assert View("crop", (0, 0, 4, 2), 90).width == 2
 
 
-def test_default_min_area_fraction_is_the_seeds_2000_px_on_640x480():
-    assert pytest.approx(2000 / (640 * 480)) == DEFAULT_MIN_AREA_FRACTION
+def test_default_proposal_filters_are_the_seeds():
+    s = ProposalSettings()
+    # selective_search_nms.py:57-58 (scale 500, sigma 0.9, min_size 10), :64-66 (2000 px), :69 (2), :77 (0.5)
+    assert (s.scale, s.sigma, s.min_size, s.min_pixels, s.max_aspect, s.nms_iou) == (
+        500,
+        0.9,
+        10,
+        2000,
+        2,
+        0.5,
+    )
+    assert s.max_side is None  # full resolution
     assert all(isinstance(b, tuple) for b in itertools.chain(five_crops(W, H), reference_crop_boxes(W, H)))

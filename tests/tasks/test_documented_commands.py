@@ -257,6 +257,7 @@ BENCH_QUICK = {  # the same scripts on toy sizes: these tests check that they ru
         "1",
     ],
     "bench_search.py": ["--queries", "100", "--database", "1000", "--repeats", "1"],
+    "bench_proposals.py": ["max_side=64"],
     "bench_index.py": ["--database", "2000", "--queries", "100", "--training", "5000", "--clusters", "20"]
     + ["--index", "IVF16,Flat", "--parameters", "nprobe=4"],
     "bench_inference.py": [
