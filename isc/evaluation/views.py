@@ -16,7 +16,9 @@ Query views, in order (the seed's file suffixes in brackets), configured by :cla
   OpenCV's implementation on a downscaled copy instead of the ``selectivesearch`` package
   (:mod:`isc.evaluation.proposals`);
 - pasted-image ("overlay") regions: D2LV trained a YOLOv5 to find them; here a classical, offline detector
-  of axis-aligned rectangles whose perimeter lies on step edges (:mod:`isc.evaluation.overlays`).
+  of axis-aligned rectangles whose perimeter lies on step edges (:mod:`isc.evaluation.overlays`), or with
+  ``overlays.detector=learned`` a torchvision detector trained on generated pastes
+  (:mod:`isc.evaluation.overlay_detector`).
 
 Views whose shorter side is under ``min_size`` pixels are dropped, except the original
 (``Test/final/generate_100_150_200.py`` lists the 100/150/200-px views the seed discarded).
@@ -39,7 +41,7 @@ from typing import Any, ClassVar, Literal, get_args
 import numpy as np
 from PIL import Image
 
-from isc.evaluation.overlays import OverlaySettings, overlay_boxes
+from isc.evaluation.overlays import OverlaySettings, detect_overlays
 from isc.evaluation.proposals import ProposalSettings, selective_search_boxes
 
 __all__ = [
@@ -254,7 +256,7 @@ def query_views(image: Image.Image, config: QueryViews) -> list[View]:
             View("proposal", _box_tuple(b)) for b in selective_search_boxes(image, config.proposals)
         ]
     if config.overlays.enabled:
-        candidates += [View("overlay", _box_tuple(b)) for b in overlay_boxes(image, config.overlays)]
+        candidates += [View("overlay", _box_tuple(b)) for b in detect_overlays(image, config.overlays)]
     seen = {(full, 0)}
     for view in candidates:
         key = (view.box, view.rotation)
