@@ -13,7 +13,16 @@ from tasks.exports import export
 from tasks.generation import build_benchmark_task, generate
 from tasks.training import train
 
-__all__ = ["TASKS", "build_benchmark_task", "evaluate", "export", "generate", "predict", "train", "train_detector"]
+__all__ = [
+    "TASKS",
+    "build_benchmark_task",
+    "evaluate",
+    "export",
+    "generate",
+    "predict",
+    "train",
+    "train_detector",
+]
 
 TASKS: dict[str, Callable[[DictConfig], dict[str, object]]] = {
     "evaluate": evaluate,

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 def _check(d: DictConfig) -> None:
     """Bad settings stop here, before any image is read."""
     if d.architecture not in ARCHITECTURES:
-        raise ValueError(f"detector.architecture must be one of {', '.join(ARCHITECTURES)}, got {d.architecture!r}")
+        raise ValueError(
+            f"detector.architecture must be one of {', '.join(ARCHITECTURES)}, got {d.architecture!r}"
+        )
     if not 0.0 <= float(d.holdout) < 1.0:
         raise ValueError(f"detector.holdout must be in [0, 1), got {d.holdout}")
     for key in ("steps", "batch_size", "image_size"):
@@ -85,7 +87,9 @@ def train_detector(cfg: DictConfig) -> dict[str, object]:
             metrics.update({f"{name}/{k}": v for k, v in r.summary().items()})
     out = Path(cfg.paths.output_dir)
     write_json(out / "metrics.json", metrics)
-    print(f"overlay detector trained {trained.steps} steps ({trained.images} images) in {trained.seconds:.0f} s")
+    print(
+        f"overlay detector trained {trained.steps} steps ({trained.images} images) in {trained.seconds:.0f} s"
+    )
     if held_out:
         r0, r1 = rates["classical"], rates["learned"]
         print(
@@ -95,7 +99,9 @@ def train_detector(cfg: DictConfig) -> dict[str, object]:
         )
     else:
         print("no held-out class (detector.holdout=0): nothing measured")
-    print(f"checkpoint: {checkpoint}\n  use it with evaluation.local_verification.query.overlays.detector=learned "
-          f"evaluation.local_verification.query.overlays.checkpoint={checkpoint}")
+    print(
+        f"checkpoint: {checkpoint}\n  use it with evaluation.local_verification.query.overlays.detector=learned "
+        f"evaluation.local_verification.query.overlays.checkpoint={checkpoint}"
+    )
     print(f"outputs in {out}")
     return metrics

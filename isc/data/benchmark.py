@@ -26,8 +26,8 @@ from PIL import Image
 from isc.augment import record_pastes
 from isc.data.images import load_image
 from isc.formats.pair_csv import write_ground_truth
-from isc.formats.paste_boxes import PasteBox, write_paste_boxes
 from isc.formats.pairs import GroundTruth
+from isc.formats.paste_boxes import PasteBox, write_paste_boxes
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,9 @@ class PasteSample:
     box: Box | None
 
 
-def paste_samples(root: str | os.PathLike[str], boxes_csv: str | os.PathLike[str] | None = None) -> list[PasteSample]:
+def paste_samples(
+    root: str | os.PathLike[str], boxes_csv: str | os.PathLike[str] | None = None
+) -> list[PasteSample]:
     """Every image under ``root`` with its paste box from ``boxes_csv`` (default ``root/boxes.csv``).
 
     The images are those ``root``'s manifests list (``task=generate``), else every image under it. An
@@ -112,7 +114,8 @@ def _images(root: Path) -> list[Path]:
     return sorted(
         p
         for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
 
 
@@ -134,15 +137,19 @@ def split_samples(
 def build_detector(architecture: str, image_size: int) -> nn.Module:
     """A two-class (background, paste) torchvision detector without downloaded weights.
 
-    Faster R-CNN resizes inputs so the shorter side is ``image_size`` (the longer at most that too);
+    Faster R-CNN resizes inputs so the shorter side is ``image_size`` (the longer at most that too) and
+    samples 300 proposals and 64 RoIs per training image;
     SSDlite always works at 320 x 320.
     """
     from torchvision.models import detection
 
     if architecture == "fasterrcnn_mobilenet_v3_large_fpn":
+        # A paste or two per image: far fewer proposals and sampled RoIs than COCO's defaults (2000 / 512),
+        # which is what makes a CPU step affordable.
         return detection.fasterrcnn_mobilenet_v3_large_fpn(
-            weights=None, weights_backbone=None, num_classes=2, min_size=image_size, max_size=image_size
-        )
+            weights=None, weights_backbone=None, num_classes=2, min_size=image_size, max_size=image_size,
+            rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, box_batch_size_per_image=64,
+        )  # fmt: skip
     if architecture == "ssdlite320_mobilenet_v3_large":
         return detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=2)
     raise ValueError(f"detector architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
@@ -158,7 +165,9 @@ def _load(sample: PasteSample, max_side: int, flip: bool) -> tuple[torch.Tensor,
     image = load_image(sample.path)
     k = min(1.0, max_side / max(image.size))
     if k < 1.0:
-        image = image.resize((max(1, round(image.width * k)), max(1, round(image.height * k))), Image.Resampling.BILINEAR)
+        image = image.resize(
+            (max(1, round(image.width * k)), max(1, round(image.height * k))), Image.Resampling.BILINEAR
+        )
     boxes = torch.zeros((0, 4), dtype=torch.float32)
     if sample.box is not None:
         x0, y0, x1, y1 = (v * k for v in sample.box)
@@ -263,31 +272,45 @@ class OverlayDetector:
     view covers them), as the classical detector does.
     """
 
-    def __init__(self, model: nn.Module, architecture: str, image_size: int, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, architecture: str, image_size: int, extra: dict[str, Any] | None = None
+    ) -> None:
         self.model = model.eval()
         self.architecture, self.image_size = architecture, int(image_size)
         self.extra = dict(extra or {})
 
     @torch.no_grad()
-    def detect(self, image: Image.Image, score_threshold: float = 0.5, max_overlays: int = 5) -> np.ndarray:
+    def detect(
+        self, image: Image.Image, score_threshold: float = 0.5, max_overlays: int = 5
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Boxes with their scores: ``(boxes (n, 4) int64, scores (n,))`` in ``image``'s pixels."""
         width, height = image.size
         k = min(1.0, self.image_size / max(width, height))
-        small = image if k == 1.0 else image.resize((max(1, round(width * k)), max(1, round(height * k))), Image.Resampling.BILINEAR)
+        small = (
+            image
+            if k == 1.0
+            else image.resize(
+                (max(1, round(width * k)), max(1, round(height * k))), Image.Resampling.BILINEAR
+            )
+        )
         out = self.model([_to_tensor(small)])[0]
         keep = out["scores"] >= score_threshold
         boxes = out["boxes"][keep].double().numpy() / k
         scores = out["scores"][keep].double().numpy()
         order = np.argsort(-scores, kind="stable")
         boxes, scores = boxes[order], scores[order]
-        boxes = np.column_stack(
-            [
-                np.clip(np.floor(boxes[:, 0]), 0, width),
-                np.clip(np.floor(boxes[:, 1]), 0, height),
-                np.clip(np.ceil(boxes[:, 2]), 0, width),
-                np.clip(np.ceil(boxes[:, 3]), 0, height),
-            ]
-        ).astype(np.int64) if len(boxes) else np.zeros((0, 4), dtype=np.int64)
+        boxes = (
+            np.column_stack(
+                [
+                    np.clip(np.floor(boxes[:, 0]), 0, width),
+                    np.clip(np.floor(boxes[:, 1]), 0, height),
+                    np.clip(np.ceil(boxes[:, 2]), 0, width),
+                    np.clip(np.ceil(boxes[:, 3]), 0, height),
+                ]
+            ).astype(np.int64)
+            if len(boxes)
+            else np.zeros((0, 4), dtype=np.int64)
+        )
         ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes, scores = boxes[ok], scores[ok]
         framed = drop_full_frame(boxes, width, height, FULL_FRAME_IOU)
@@ -310,18 +333,20 @@ def load_overlay_detector(path: str | os.PathLike[str], key: str = "checkpoint")
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: str, key: str) -> OverlayDetector:
     if not Path(path).is_file():
-        raise ValueError(f"{key}: overlay detector checkpoint {path} does not exist (train one with task=train_detector)")
+        raise ValueError(
+            f"{key}: overlay detector checkpoint {path} does not exist (train one with task=train_detector)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  (torch raises many kinds for a foreign file)
         raise ValueError(f"{key}: {path} is not a readable overlay detector checkpoint ({error})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{key}: {path} is not an overlay detector checkpoint (no format {CHECKPOINT_FORMAT!r})")
+        raise ValueError(
+            f"{key}: {path} is not an overlay detector checkpoint (no format {CHECKPOINT_FORMAT!r})"
+        )
     model = build_detector(str(state["architecture"]), int(state["image_size"]))
     try:
         model.load_state_dict(state["state_dict"])
     except RuntimeError as error:
         raise ValueError(f"{key}: {path}'s weights do not fit {state['architecture']}: {error}") from None
     return OverlayDetector(model, str(state["architecture"]), int(state["image_size"]), state.get("extra"))
-
-

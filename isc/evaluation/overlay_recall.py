@@ -82,5 +82,6 @@ def compare_overlay_detectors(
 ) -> dict[str, DetectionRates]:
     """:func:`detection_rates` of each named detector on the same samples."""
     return {
-        name: detection_rates(detect, samples, iou, progress, f"overlays: {name}") for name, detect in detectors.items()
+        name: detection_rates(detect, samples, iou, progress, f"overlays: {name}")
+        for name, detect in detectors.items()
     }

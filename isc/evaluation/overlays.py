@@ -82,7 +82,10 @@ class OverlaySettings:
             ),
         ]
         checks += [
-            (self.detector in DETECTORS, f"{p}detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}"),
+            (
+                self.detector in DETECTORS,
+                f"{p}detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}",
+            ),
             (
                 0.0 <= self.score_threshold <= 1.0,
                 f"{p}score_threshold must be in [0, 1], got {self.score_threshold}",

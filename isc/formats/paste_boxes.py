@@ -32,7 +32,10 @@ PasteBox = tuple[float, float, float, float] | None  # None: pasted, no exact bo
 def paste_box_rows(boxes: Mapping[str, PasteBox] | Iterable[tuple[str, PasteBox]]) -> list[list[str]]:
     """The CSV rows (without header) of ``image_id -> box`` entries, in the given order."""
     items = boxes.items() if isinstance(boxes, Mapping) else boxes
-    return [[image_id] + (["", "", "", ""] if box is None else [f"{v:.2f}" for v in box]) for image_id, box in items]
+    return [
+        [image_id] + (["", "", "", ""] if box is None else [f"{v:.2f}" for v in box])
+        for image_id, box in items
+    ]
 
 
 def write_paste_boxes(
@@ -68,7 +71,9 @@ def read_paste_boxes(path: str | os.PathLike[str]) -> dict[str, PasteBox]:
             try:
                 x0, y0, x1, y1 = (float(c) for c in coords)
             except ValueError:
-                raise ValueError(f"{path}:{line}: coordinates must be numbers or all empty, got {coords}") from None
+                raise ValueError(
+                    f"{path}:{line}: coordinates must be numbers or all empty, got {coords}"
+                ) from None
             if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0 or min(x0, y0) < 0:
                 raise ValueError(f"{path}:{line}: need 0 <= x0 < x1 and 0 <= y0 < y1, got {coords}")
             out[image_id] = (x0, y0, x1, y1)

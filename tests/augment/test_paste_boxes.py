@@ -75,7 +75,9 @@ def test_image_overlay_box_is_the_visible_part() -> None:
 
 def test_meme_band_box() -> None:
     with record_pastes() as record:
-        out = MemeFormat(caption=0.25, bg_color=BLUE, text_color=BLUE)(flat(RED, (100, 80)), np.random.default_rng(0))
+        out = MemeFormat(caption=0.25, bg_color=BLUE, text_color=BLUE)(
+            flat(RED, (100, 80)), np.random.default_rng(0)
+        )
     assert record.box == (0.0, 20.0, 100.0, 100.0) and out.size == (100, 100)
 
 

@@ -64,7 +64,9 @@ class _FixedBox(torch.nn.Module):
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         self.seen = images[0].shape
         boxes = torch.tensor([[10.0, 10.0, 50.0, 40.0], [0.0, 0.0, 64.0, 48.0]])
-        return [{"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": torch.ones(2, dtype=torch.int64)}]
+        return [
+            {"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": torch.ones(2, dtype=torch.int64)}
+        ]
 
 
 def test_boxes_come_back_in_the_images_own_pixels() -> None:
@@ -85,7 +87,9 @@ def _tiny_copies(tmp_path: Path) -> Path:
     blue = Image.new("RGB", (96, 96), (20, 20, 230))
     recipe = Compose([PasteOnBackground(scale=(0.2, 0.5), source=[blue]), Resize(64)])
     out = tmp_path / "copies"
-    generate_copies_dataset(sorted(src.iterdir()), out, recipe, copies=2, every=1, size=64, workers=0, progress=False)
+    generate_copies_dataset(
+        sorted(src.iterdir()), out, recipe, copies=2, every=1, size=64, workers=0, progress=False
+    )
     return out
 
 
@@ -140,7 +144,9 @@ def test_learned_setting_checks_its_checkpoint_before_any_work(tmp_path: Path) -
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     model = build_detector("fasterrcnn_mobilenet_v3_large_fpn", 64)
-    path = save_overlay_detector(tmp_path / "d.pt", model, architecture="fasterrcnn_mobilenet_v3_large_fpn", image_size=64)
+    path = save_overlay_detector(
+        tmp_path / "d.pt", model, architecture="fasterrcnn_mobilenet_v3_large_fpn", image_size=64
+    )
     loaded = load_overlay_detector(path)
     a, b = model.state_dict(), loaded.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
