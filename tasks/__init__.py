@@ -7,12 +7,22 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
+from tasks.detection import train_detector
 from tasks.evaluation import evaluate, predict
 from tasks.exports import export
 from tasks.generation import build_benchmark_task, generate
 from tasks.training import train
 
-__all__ = ["TASKS", "build_benchmark_task", "evaluate", "export", "generate", "predict", "train"]
+__all__ = [
+    "TASKS",
+    "build_benchmark_task",
+    "evaluate",
+    "export",
+    "generate",
+    "predict",
+    "train",
+    "train_detector",
+]
 
 TASKS: dict[str, Callable[[DictConfig], dict[str, object]]] = {
     "evaluate": evaluate,
@@ -20,6 +30,7 @@ TASKS: dict[str, Callable[[DictConfig], dict[str, object]]] = {
     "export": export,
     "generate": generate,
     "build_benchmark": build_benchmark_task,
+    "train_detector": train_detector,
     "pretrain": train,
     "finetune": train,
 }

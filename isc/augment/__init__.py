@@ -34,6 +34,7 @@ from isc.augment.overlays import (
     ScreenshotFrame,
     TextOverlay,
 )
+from isc.augment.paste_boxes import PasteRecord, record_pastes
 from isc.augment.photometric import (
     Brightness,
     Colorize,
@@ -75,6 +76,7 @@ __all__ = [
     "Pad",
     "PasteOnBackground",
     "PasteOver",
+    "PasteRecord",
     "Perspective",
     "Pixelize",
     "RandomApply",
@@ -88,6 +90,7 @@ __all__ = [
     "Transform",
     "as_source",
     "generate_copies",
+    "record_pastes",
     "rng_for",
     "synthetic_image",
     "to_rgb",

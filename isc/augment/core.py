@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from isc.augment.paste_boxes import moved, scaled
 from isc.formats.pixels import to_rgb  # one conversion for loading and editing (alpha on white)
 
 Size = tuple[int, int]  # (width, height), PIL order
@@ -202,6 +203,7 @@ class Resize:
         size = self.target(*img.size)
         if img.size == size:
             return img
+        moved(scaled(size[0] / img.width, size[1] / img.height), size)
         return img.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
     def __repr__(self) -> str:

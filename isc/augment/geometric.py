@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from isc.augment.core import as_color, as_range, as_size, random_color, to_rgb, uniform
+from isc.augment.paste_boxes import moved, scaled, shifted
 
 
 class RandomResizedCrop:
@@ -59,7 +60,9 @@ class RandomResizedCrop:
         left, top, cw, ch = self.params(*img.size, rng)
         box = (left, top, left + cw, top + ch)
         if self.size is None:
+            moved(shifted(-left, -top), (cw, ch))
             return img.crop(box)
+        moved(scaled(self.size[0] / cw, self.size[1] / ch, -left, -top), self.size)
         return img.resize(self.size, Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
 
     def __repr__(self) -> str:
@@ -88,7 +91,10 @@ class Rotate:
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         angle = uniform(rng, self.degrees)
         fill = random_color(rng) if self.fill is None else self.fill
-        return to_rgb(img).rotate(angle, self.resample, expand=self.expand, fillcolor=fill)
+        out = to_rgb(img).rotate(angle, self.resample, expand=self.expand, fillcolor=fill)
+        if angle != 0.0:  # a rotated paste is no axis-aligned rectangle
+            moved(None, out.size)
+        return out
 
     def __repr__(self) -> str:
         return f"Rotate(degrees={self.degrees}, expand={self.expand}, fill={self.fill})"
@@ -154,6 +160,8 @@ class Perspective:
         start = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], dtype=float)
         end = start + offsets
         coeffs = perspective_coeffs(start, end)
+        if np.any(offsets != 0.0):  # a warped paste is no rectangle
+            moved(None, img.size)
         return img.transform(
             img.size, Image.Transform.PERSPECTIVE, coeffs, self.resample, fillcolor=self.fill
         )
@@ -190,6 +198,7 @@ class Pad:
         color = random_color(rng) if self.color is None else self.color
         canvas = Image.new("RGB", (w + left + right, h + top + bottom), color)
         canvas.paste(img, (left, top))
+        moved(shifted(left, top), canvas.size)
         return canvas
 
     def __repr__(self) -> str:
@@ -200,6 +209,8 @@ class HorizontalFlip:
     """Mirror left-right (wrap in ``RandomApply`` for the usual p=0.5)."""
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        w = img.width
+        moved(lambda b: (w - b[2], b[1], w - b[0], b[3]), img.size)
         return to_rgb(img).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
     def __repr__(self) -> str:

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 import isc.augment.assets as assets
 from isc.augment.core import Size, as_color, as_range, as_size, random_color, to_rgb, uniform
 from isc.augment.geometric import resampling
+from isc.augment.paste_boxes import moved, pasted, scaled
 from isc.augment.sources import ImageSource, as_source, draw_scaled, fit
 
 SourceArg = ImageSource | Sequence[str | os.PathLike[str] | Image.Image] | None
@@ -63,11 +64,12 @@ class PasteOnBackground:
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         img = to_rgb(img)
         w, h = img.size
-        canvas = fit(self.source(rng, (w, h)), (w, h))
+        # a copy: a pool of in-memory images hands out its own image when it already has the size
+        canvas = fit(self.source(rng, (w, h)), (w, h)).copy()
         box = _scaled_box(w, h, uniform(rng, self.scale), w / h)
-        canvas.paste(
-            img.resize(box, Image.Resampling.BILINEAR, reducing_gap=3.0), _position(rng, (w, h), box)
-        )
+        x, y = _position(rng, (w, h), box)
+        canvas.paste(img.resize(box, Image.Resampling.BILINEAR, reducing_gap=3.0), (x, y))
+        pasted((x, y, x + box[0], y + box[1]), (w, h))
         return canvas
 
     def __repr__(self) -> str:
@@ -129,6 +131,7 @@ class OpacityOverlay:
             other = fit(self.source(rng, img.size), img.size)
         else:
             other = to_rgb(self.source(rng, self.size)).resize(self.size, self.resample)
+            moved(scaled(self.size[0] / img.width, self.size[1] / img.height), self.size)
             img = img.resize(self.size, self.resample)
         return Image.blend(other, img, uniform(rng, self.opacity))
 
@@ -200,14 +203,17 @@ class ImageOverlay:
         box = (int(img.width * s), int(img.height * s))
         left, top = int(canvas.width * x), int(canvas.height * y)
         if box[0] < 1 or box[1] < 1:
+            moved(None, canvas.size)  # the image is gone: an earlier paste has no box any more
             return canvas
         # only the part that lands on the canvas is resized: same pixels as resizing it all, less work
         vis = (min(box[0], canvas.width - left), min(box[1], canvas.height - top))
         if vis[0] < 1 or vis[1] < 1:
+            moved(None, canvas.size)
             return canvas
         kx, ky = img.width / box[0], img.height / box[1]
         part = img.resize(vis, self.resample, box=(0.0, 0.0, vis[0] * kx, vis[1] * ky))
         canvas.paste(part, (left, top))
+        pasted((left, top, left + vis[0], top + vis[1]), canvas.size)
         return canvas
 
     def __repr__(self) -> str:
@@ -406,9 +412,9 @@ class ScreenshotFrame:
         size = (max(1, min(bw, round(img.width * k))), max(1, min(bh, round(img.height * k))))
         out = template.copy()
         out.paste((0, 0, 0), (x0, y0, x1, y1))
-        out.paste(
-            img.resize(size, Image.Resampling.BILINEAR), (x0 + (bw - size[0]) // 2, y0 + (bh - size[1]) // 2)
-        )
+        at = (x0 + (bw - size[0]) // 2, y0 + (bh - size[1]) // 2)
+        out.paste(img.resize(size, Image.Resampling.BILINEAR), at)
+        pasted((at[0], at[1], at[0] + size[0], at[1] + size[1]), out.size)
         return out
 
     def __repr__(self) -> str:
@@ -445,6 +451,7 @@ class MemeFormat:
         bg = random_color(rng) if self.bg_color is None else self.bg_color
         meme = Image.new("RGB", (w, h + band), bg)
         meme.paste(img, (0, band))
+        pasted((0, band, w, band + h), meme.size)
         draw = ImageDraw.Draw(meme)
         path = self.font_path or assets.meme_font_path()
         size = max(1, band - 10)

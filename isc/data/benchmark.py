@@ -1,6 +1,8 @@
 """DISC21-style benchmarks built from a pool of images, and the embedded default benchmark.
 
-A benchmark folder has ``references/``, ``training/``, ``queries/`` and ``ground_truth.csv``. Queries
+A benchmark folder has ``references/``, ``training/``, ``queries/`` and ``ground_truth.csv``, and
+``query_boxes.csv``: where a query's edits pasted its image into a larger canvas (the paste-box CSV of
+:mod:`isc.formats.paste_boxes`, for training a learned overlay detector). Queries
 are edited copies of some references (the matched fraction) or edits of pool images that appear
 nowhere else (unmatched, as most DISC21 queries are). Ids are assigned in shuffled order so that
 nothing about a file's name leaks whether or what it matches.
@@ -21,11 +23,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from isc.augment import record_pastes
 from isc.data.images import load_image
 from isc.formats.pair_csv import write_ground_truth
 from isc.formats.pairs import GroundTruth
+from isc.formats.paste_boxes import PasteBox, write_paste_boxes
 
 log = logging.getLogger(__name__)
+
+QUERY_BOXES_NAME = "query_boxes.csv"
 
 __all__ = ["build_benchmark", "package_photos", "ensure_embedded_benchmark", "default_cache_dir"]
 
@@ -171,14 +177,19 @@ def build_benchmark(
                 image.save(tmp / split / f"{prefix}{j:0{width}d}.jpg", quality=jpeg_quality)
         (tmp / "queries").mkdir()
         gt_queries, gt_refs = [], []
+        query_boxes: dict[str, PasteBox] = {}
         for q, (pool_index, ref_pos) in enumerate(queries):
             query_id = f"Q{q:05d}"
             query_rng = np.random.default_rng([seed, 1, q])
-            image = query_transform(_limit_size(_as_image(pool[pool_index]), max_side), query_rng)
+            with record_pastes() as record:
+                image = query_transform(_limit_size(_as_image(pool[pool_index]), max_side), query_rng)
+            if record.pasted:
+                query_boxes[query_id] = record.box
             image.convert("RGB").save(tmp / "queries" / f"{query_id}.jpg", quality=jpeg_quality)
             gt_queries.append(query_id)
             gt_refs.append(f"R{ref_pos:06d}" if ref_pos >= 0 else "")
         write_ground_truth(tmp / "ground_truth.csv", GroundTruth(np.array(gt_queries), np.array(gt_refs)))
+        write_paste_boxes(tmp / QUERY_BOXES_NAME, query_boxes)
         if overwrite and out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)  # fails if another process finished first: its copy is kept

@@ -9,6 +9,8 @@ Layout::
 
     out_dir/<class_id>/00.jpg          the original, resized
     out_dir/<class_id>/01.jpg ...      the copies
+    out_dir/<class_id>/boxes.csv       where each copy of the class shows a pasted image (isc.formats.paste_boxes)
+    out_dir/boxes.csv                  those rows for every class of the run (boxes-i-of-n.csv for a shard)
     out_dir/manifest.csv               class_id,file,source,recipe,copy_index,seed (one per shard if sharded)
     out_dir/manifest.partial.csv       the same rows, for the classes finished so far (only while running)
     out_dir/failed.csv                 source,reason for unreadable sources (only if there were any)
@@ -62,9 +64,10 @@ from types import FrameType
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from isc.augment import Resize, Transform, rng_for
+from isc.augment import Resize, Transform, record_pastes, rng_for
 from isc.data.images import ImageLoadError, load_image
 from isc.formats.files import atomic_write
+from isc.formats.paste_boxes import PasteBox, read_paste_boxes, write_paste_boxes
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +80,9 @@ _MANIFEST_SYNC_S = 5.0  # fsync the partial manifest at most this often
 _PARENT_POLL_S = 1.0  # how often a worker's watchdog checks that its parent is still there
 _WORKER_STOP_S = 5.0  # after SIGTERM, how long workers get before SIGKILL
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-# atomic_write's temporary name for NN.jpg: .NN.jpg.<pid>.<hex>.tmp
-_IMAGE_TEMP = re.compile(r"\.\d+\.jpg\.\d+\.[0-9a-f]+\.tmp")
+# atomic_write's temporary name for NN.jpg (or the class's boxes.csv): .NN.jpg.<pid>.<hex>.tmp
+_IMAGE_TEMP = re.compile(r"\.(\d+\.jpg|boxes\.csv)\.\d+\.[0-9a-f]+\.tmp")
+BOXES_NAME = "boxes.csv"  # per class, and merged for the run
 
 _Result = tuple[str, int, int, str | None]
 
@@ -93,6 +97,8 @@ class GenerationSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     manifest: Path | None = None
     contact_sheet: Path | None = None
+    boxes: Path | None = None  # the run's paste-box CSV (isc.formats.paste_boxes)
+    pasted: int = 0  # copies showing a pasted image (with an exact box or not)
 
 
 def parse_shard(shard: str | Sequence[int] | None) -> tuple[int, int]:
@@ -231,7 +237,13 @@ def _init_worker(settings: _Settings, parent_pid: int, direct_child: bool) -> No
 
 
 def _generate_class(job: tuple[str, Path]) -> _Result:
-    """Write the missing files of one class: ``(class_id, written, skipped, error)``."""
+    """Write the missing files of one class: ``(class_id, written, skipped, error)``.
+
+    The class's ``boxes.csv`` is written last, so a class is finished when it is there with every image.
+    A class whose images are all there but not its boxes (killed in between, or made before boxes were
+    recorded) has its copies' edits redone, without rewriting them, to recover the boxes: every copy is a
+    pure function of ``(seed, class, index)``.
+    """
     class_id, source = job
     s = _SETTINGS[0]
     out_dir, copies, size, seed, quality, transform = (
@@ -242,8 +254,10 @@ def _generate_class(job: tuple[str, Path]) -> _Result:
         s.quality,
         s.transform,
     )
+    boxes_path = out_dir / class_id / BOXES_NAME
     missing = [i for i in range(copies + 1) if not _copy_path(out_dir, class_id, i).is_file()]
-    if not missing:
+    need_boxes = not boxes_path.is_file()
+    if not missing and not need_boxes:
         return class_id, 0, copies + 1, None
     _remove_stale_temps(out_dir / class_id)  # left by a killed run (only ever next to a missing file)
     try:
@@ -252,15 +266,23 @@ def _generate_class(job: tuple[str, Path]) -> _Result:
         return class_id, 0, 0, error.reason
     resize = Resize(size)
     original = getattr(transform, "original", None)  # e.g. D2LV's bw sets store greyscale originals
-    for i in missing:
+    todo = sorted(set(missing) | (set(range(1, copies + 1)) if need_boxes else set()))
+    boxes: dict[str, PasteBox] = {}
+    for i in todo:
         if i == 0:
             first = original(image, rng_for(seed, class_id, 0)) if original is not None else image
             out = resize(first, rng_for(seed, class_id, 0))
         else:
-            out = transform(image, rng_for(seed, class_id, i))
-            if out.size != (size, size):
-                out = resize(out, rng_for(seed, class_id, i))
-        _save_jpeg(out.convert("RGB"), _copy_path(out_dir, class_id, i), quality)
+            with record_pastes() as record:
+                out = transform(image, rng_for(seed, class_id, i))
+                if out.size != (size, size):
+                    out = resize(out, rng_for(seed, class_id, i))
+            if record.pasted:
+                boxes[f"{class_id}/{i:02d}"] = record.box
+        if i in missing:
+            _save_jpeg(out.convert("RGB"), _copy_path(out_dir, class_id, i), quality)
+    if need_boxes:
+        write_paste_boxes(boxes_path, boxes)
     return class_id, len(missing), copies + 1 - len(missing), None
 
 
@@ -423,12 +445,14 @@ def generate_copies_dataset(
     if workers is None:
         workers = os.cpu_count() or 1
     suffix = "" if shard_count == 1 else f"-{shard_index}-of-{shard_count}"
+    boxes_name = f"boxes{suffix}.csv"
     _remove_stale_outputs(
-        out, [f"manifest{suffix}.csv", f"manifest{suffix}.partial.csv", f"failed{suffix}.csv"]
+        out, [f"manifest{suffix}.csv", f"manifest{suffix}.partial.csv", f"failed{suffix}.csv", boxes_name]
     )
 
     sources_of = dict(classes)
     done: list[str] = []  # the first sheet_classes finished classes, for the contact sheet
+    finished: list[str] = []  # every finished class, for the run's boxes.csv
     bar = tqdm(total=len(classes), desc=f"generate {recipe or 'copies'}", unit="class", disable=not progress)
     with _sigterm_raises_system_exit():
         manifest = _PartialManifest(out / f"manifest{suffix}.csv")
@@ -452,6 +476,7 @@ def generate_copies_dataset(
                         for i in range(copies + 1)
                     ]
                 )
+                finished.append(class_id)
                 if len(done) < sheet_classes:
                     done.append(class_id)
             summary.manifest = manifest.finish()
@@ -461,6 +486,10 @@ def generate_copies_dataset(
             manifest.close()
             bar.close()
 
+    run_boxes: dict[str, PasteBox] = {}
+    for class_id in finished:
+        run_boxes.update(read_paste_boxes(out / class_id / BOXES_NAME))
+    summary.boxes, summary.pasted = write_paste_boxes(out / boxes_name, run_boxes), len(run_boxes)
     if summary.failed:
         _write_csv(out / f"failed{suffix}.csv", ("source", "reason"), summary.failed)
         log.warning(

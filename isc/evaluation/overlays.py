@@ -5,7 +5,9 @@ pasted into a query (``Test/augmentation/query/yolov5``) and added each detectio
 detector ships offline, so :func:`overlay_boxes` finds axis-aligned rectangles whose perimeter lies on
 straight step edges that stop at the corners; :class:`OverlaySettings` holds its thresholds
 (``evaluation.local_verification.query.overlays``), this module's own since a YOLOv5 has no classical
-equivalent. Framework-free (numpy, PIL, OpenCV) so DataLoader workers can call it.
+equivalent. ``detector: learned`` swaps in a torchvision detector trained on generated pastes
+(:mod:`isc.evaluation.overlay_detector`, ``task=train_detector``); :func:`detect_overlays` picks the one
+the settings name. Framework-free (numpy, PIL, OpenCV, PyTorch) so DataLoader workers can call it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import numpy as np
 from PIL import Image
 
 from isc.evaluation.boxes import FULL_FRAME_IOU, downscaled, drop_full_frame, nms, to_original
+from isc.evaluation.overlay_detector import load_overlay_detector
 
-__all__ = ["OverlaySettings", "overlay_boxes"]
+__all__ = ["DETECTORS", "OverlaySettings", "detect_overlays", "overlay_boxes"]
+
+DETECTORS = ("classical", "learned")
 
 # Fixed, not configurable (as before the split): NMS between candidate rectangles, and candidate lines
 # kept per direction.
@@ -39,6 +44,9 @@ class OverlaySettings:
 
     enabled: bool = True  # rectangular pasted regions (the seed's YOLOv5 detector; here a classical one)
     max_overlays: int = 5  # at most this many, best first
+    detector: str = "classical"  # classical (below) | learned (a task=train_detector checkpoint)
+    checkpoint: str | None = None  # the learned detector's checkpoint (detector=learned only)
+    score_threshold: float = 0.5  # the learned detector's boxes scoring at least this
     max_side: int = 384  # the detector runs on a copy at most this long
     min_edge_fraction: float = 0.6  # step 3: share of the interior perimeter on edges
     max_extension_fraction: float = 0.5  # step 3: edges allowed on the sides' runs past the corners
@@ -73,9 +81,25 @@ class OverlaySettings:
                 f"{p}min_interior_sides must be in 1..4, got {self.min_interior_sides}",
             ),
         ]
+        checks += [
+            (
+                self.detector in DETECTORS,
+                f"{p}detector must be one of {', '.join(DETECTORS)}, got {self.detector!r}",
+            ),
+            (
+                0.0 <= self.score_threshold <= 1.0,
+                f"{p}score_threshold must be in [0, 1], got {self.score_threshold}",
+            ),
+            (
+                self.detector != "learned" or bool(self.checkpoint),
+                f"{p}detector=learned needs {p}checkpoint (a task=train_detector overlay_detector.pt)",
+            ),
+        ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.enabled and self.detector == "learned" and self.checkpoint:
+            load_overlay_detector(self.checkpoint, key=p + "checkpoint")  # a bad file fails here, not mid-run
 
 
 def _ridges(diff: np.ndarray, threshold: float, contrast: float) -> np.ndarray:
@@ -262,3 +286,15 @@ def overlay_boxes(image: Image.Image, settings: OverlaySettings | None = None) -
     boxes = to_original(small_boxes, sw, sh, width, height)
     boxes = drop_full_frame(boxes, width, height, FULL_FRAME_IOU)
     return boxes[: s.max_overlays].astype(np.int64)
+
+
+def detect_overlays(image: Image.Image, settings: OverlaySettings | None = None) -> np.ndarray:
+    """Pasted-image boxes ``(n, 4)`` int64 in ``image``'s pixels from the detector ``settings`` names:
+    :func:`overlay_boxes` (``classical``) or the trained checkpoint (``learned``, loaded once per process)."""
+    s = OverlaySettings() if settings is None else settings
+    if s.detector == "classical" or not s.enabled:
+        return overlay_boxes(image, s)
+    if s.max_overlays <= 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    detector = load_overlay_detector(str(s.checkpoint), key=s.KEY + ".checkpoint")
+    return detector(image, s.score_threshold, s.max_overlays)

@@ -15,7 +15,9 @@ Query views, in order (the seed's file suffixes in brackets), configured by :cla
 - selective-search proposals (``_10``.., ``Test/augmentation/query/selective_search_nms.py``), the
   ``selectivesearch`` package's algorithm at full resolution (:mod:`isc.evaluation.proposals`);
 - pasted-image ("overlay") regions: D2LV trained a YOLOv5 to find them; here a classical, offline detector
-  of axis-aligned rectangles whose perimeter lies on step edges (:mod:`isc.evaluation.overlays`).
+  of axis-aligned rectangles whose perimeter lies on step edges (:mod:`isc.evaluation.overlays`), or with
+  ``overlays.detector=learned`` a torchvision detector trained on generated pastes
+  (:mod:`isc.evaluation.overlay_detector`).
 
 Every view is extracted and searched; the rows of views whose width or height is under ``min_size``
 pixels, the original's too, are dropped after the search (:func:`small_views`; seed
@@ -40,7 +42,7 @@ from typing import Any, ClassVar, Literal, get_args
 import numpy as np
 from PIL import Image
 
-from isc.evaluation.overlays import OverlaySettings, overlay_boxes
+from isc.evaluation.overlays import OverlaySettings, detect_overlays
 from isc.evaluation.proposals import ProposalSettings, selective_search_boxes
 
 __all__ = [
@@ -258,7 +260,7 @@ def query_views(image: Image.Image, config: QueryViews) -> list[View]:
             View("proposal", _box_tuple(b)) for b in selective_search_boxes(image, config.proposals)
         ]
     if config.overlays.enabled:
-        candidates += [View("overlay", _box_tuple(b)) for b in overlay_boxes(image, config.overlays)]
+        candidates += [View("overlay", _box_tuple(b)) for b in detect_overlays(image, config.overlays)]
     seen = {(full, 0)}
     for view in candidates:
         key = (view.box, view.rotation)

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
 RECIPES = sorted(p.stem for p in (CONF / "augmentation").glob("*.yaml"))
 QUERY_RECIPES = ("isc_query", "isc_query_local")  # benchmark query edits, not D2LV training recipes
-D2LV_RECIPES = [r for r in RECIPES if r not in QUERY_RECIPES]
+# the learned overlay detector's training pastes: no D2LV recipe either (docs/inference.md)
+D2LV_RECIPES = [r for r in RECIPES if r not in (*QUERY_RECIPES, "overlay_pastes")]
 TEMPLATE_SIZES = {(414, 736), (1200, 736)}
 PINNED_RAW = [11074644401453482484, 6669934804423442033]  # PCG64 output of rng_for(0, "T000123", 7)
 

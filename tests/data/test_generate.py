@@ -54,7 +54,7 @@ def test_layout_manifest_and_contact_sheet(sources, tmp_path) -> None:
     assert summary.written == len(classes) * (COPIES + 1) and not summary.failed
     for c in classes:
         files = sorted(p.name for p in (tmp_path / c).iterdir())
-        assert files == [f"{i:02d}.jpg" for i in range(COPIES + 1)]
+        assert files == [f"{i:02d}.jpg" for i in range(COPIES + 1)] + ["boxes.csv"]  # written last
         with Image.open(tmp_path / c / "02.jpg") as img:
             assert img.size == (SIZE, SIZE) and img.mode == "RGB"
     with open(tmp_path / "manifest.csv", newline="") as f:

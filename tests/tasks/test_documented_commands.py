@@ -27,6 +27,7 @@ from conftest import compose_cfg
 from PIL import Image
 
 import run
+from isc.formats.paste_boxes import write_paste_boxes
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -107,6 +108,8 @@ def world(benchmark: Path, tmp_path_factory) -> Iterator[dict[str, str]]:
         (copies / f"T{c:06d}").mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (40, 40), (60 * c, 80 * i, 20)).save(copies / f"T{c:06d}" / f"{i:02d}.jpg")
+    # paste boxes, so task=train_detector has something to learn from (where is not checked here)
+    write_paste_boxes(copies / "boxes.csv", {f"T{c:06d}/01": (4.0, 6.0, 30.0, 28.0) for c in range(4)})
     yield {
         "benchmark": str(benchmark),
         "photos": str(photos),
@@ -184,6 +187,13 @@ def shrink(args: list[str], out: Path) -> list[str]:
             "generate.every=4",
             "generate.workers=0",
             f"generate.out_dir={out}/copies",
+        ]
+    elif "task=train_detector" in text:
+        extra += [
+            "detector.steps=2",
+            "detector.batch_size=2",
+            "detector.image_size=64",
+            "detector.holdout=0.5",
         ]
     elif "task=build_benchmark" in text:
         extra += ["benchmark.n_references=4", "benchmark.n_training=4", "benchmark.n_queries=4"]
