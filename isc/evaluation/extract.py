@@ -316,6 +316,10 @@ def _run(
 ) -> ViewDescriptors:
     """The loop: every view of ``paths`` at every scale, checked row by row (a bad row names its image)."""
     workers = min(num_workers, _usable_cpus())
+    if workers:
+        # a forked worker cannot tear down a thread pool OpenCV started in this process (its threads are
+        # not copied): _init_worker's setNumThreads(1) would wait on them for ever. Stop it here first.
+        cv2.setNumThreads(1)
     loader = DataLoader(
         ViewDataset(paths, scales, views, prepare),
         batch_size=images_per_batch,

@@ -68,6 +68,7 @@ def detect_faces(image: Image.Image, settings: FaceSettings | None = None) -> np
     whether to look).
     """
     s = FaceSettings() if settings is None else settings
+    cv2.setNumThreads(1)  # one image at a time, next to other DataLoader workers: no pool of its own
     grey = np.asarray(image.convert("L"))
     found = _cascade().detectMultiScale(
         grey,
