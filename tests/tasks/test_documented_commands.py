@@ -108,6 +108,13 @@ def world(benchmark: Path, tmp_path_factory) -> Iterator[dict[str, str]]:
         (copies / f"T{c:06d}").mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (40, 40), (60 * c, 80 * i, 20)).save(copies / f"T{c:06d}" / f"{i:02d}.jpg")
+    # experiment=d2lv_inference_families' folder: every one of its 33 names is the exported model
+    d2lv_models = tmp / "d2lv_models"
+    d2lv_models.mkdir()
+    families = compose_cfg(["experiment=d2lv_inference_families", f"d2lv_models={d2lv_models}"])
+    for family in families.evaluation.ensemble.families:
+        for model in family.models:
+            Path(model).symlink_to(export_dir / "descriptor_model.pt")
     # paste boxes, so task=train_detector has something to learn from (where is not checked here)
     write_paste_boxes(copies / "boxes.csv", {f"T{c:06d}/01": (4.0, 6.0, 30.0, 28.0) for c in range(4)})
     yield {
@@ -120,6 +127,7 @@ def world(benchmark: Path, tmp_path_factory) -> Iterator[dict[str, str]]:
         "ground_truth": str(benchmark / "ground_truth.csv"),
         "copies": str(copies),
         "cache": str(tmp / "cache"),
+        "d2lv_models": str(d2lv_models),
     }
     patch.undo()
 
@@ -139,6 +147,7 @@ def substitute(command: str, w: dict[str, str]) -> str:
         ),
         (r"\.\./shared/data/caltech101|/work/shared/data/caltech101", w["photos"]),
         (r"/data/disc21", w["benchmark"]),
+        (r"/models/d2lv", w["d2lv_models"]),
         (r"\bdesc\.h5\b|<run>/descriptors\.h5", w["descriptors"]),
         (r"\bground_truth\.csv\b", w["ground_truth"]),
         (r"\bpredictions\.csv\b", w["predictions"]),
@@ -249,6 +258,7 @@ WORLD = (
     "ground_truth",
     "copies",
     "cache",
+    "d2lv_models",
 )
 COMMANDS = distinct(documented_commands())
 
