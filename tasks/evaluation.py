@@ -108,6 +108,9 @@ def _print_headline(run: EvaluationRun) -> None:
                 f"  {st.name:<22} uAP {fmt(f['uAP'])}  recall@P90 {fmt(f['recall_at_p90'])}  "
                 f"{1000 * (st.seconds_per_query or 0.0):.1f} ms/query"
             )
+    for g in run.result.grid:  # evaluation.grid: every stage under another post-processing, same extraction
+        cells = " | ".join(f"{st.name} {fmt(st.figures['uAP'])}" for st in g.stages)
+        print(f"  grid {g.name:<19} uAP {cells}  ({g.postprocessing}; {g.seconds:.1f} s)")
     raw = "" if staged else f" (raw {fmt(m['uAP_raw'])})"
     print(
         f"uAP {fmt(m['uAP'])} with {m['postprocessing']}{raw}, "

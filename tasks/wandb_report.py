@@ -28,6 +28,13 @@ def log_report_to_wandb(cfg: DictConfig, run: EvaluationRun) -> None:
         logged.log(
             {
                 **{f"test/{k}": v for k, v in run.metrics.items() if isinstance(v, int | float)},
+                **{
+                    f"test/grid/{g.name}/{st.name}/{k}": v
+                    for g in run.result.grid
+                    for st in g.stages
+                    for k, v in st.figures.items()
+                    if v is not None
+                },
                 "test/pr_curve": wandb.plot.line(pr, "recall", "precision", title="precision-recall"),
                 "test/true_pair_scores": wandb.Histogram(
                     np_histogram=(figures["true_counts"], figures["bin_edges"])

@@ -32,7 +32,7 @@ from PIL import Image
 
 from isc.data.images import load_image
 from isc.evaluation.metrics import evaluate, match_ranks, precision_recall_curve
-from isc.evaluation.results import Evidence, StageResult
+from isc.evaluation.results import Evidence, GridResult, StageResult
 from isc.formats.files import atomic_write
 from isc.formats.pairs import GroundTruth, Predictions, pair_codes
 
@@ -733,6 +733,39 @@ def _stage_table(stages: Sequence[StageResult]) -> str:
     )
 
 
+def _grid_table(grid: Sequence[GridResult]) -> str:
+    """uAP of every stage (rows) under every post-processing setting (columns: the configured one first,
+    then ``evaluation.grid``'s), one extraction for all; the best cell is marked."""
+    columns = [(g.name, g.postprocessing, g.stages) for g in grid]
+    stages = grid[0].stages
+    uap = [{st.name: _finite(st.figures.get("uAP")) for st in col} for _, _, col in columns]
+    defined = [v for col in uap for v in col.values() if v is not None]
+    best = max(defined) if defined else None
+    head = "".join(
+        f'<th scope="col" title="{_esc(words)}">{_esc(name)}<br><small>{_esc(words)}</small></th>'
+        for name, words, _ in columns
+    )
+    body = []
+    for st in stages:
+        cells = []
+        for (name, _, _), col in zip(columns, uap, strict=True):
+            value = col.get(st.name)
+            classes = "num best" if best is not None and value == best else "num"
+            data = "" if value is None else repr(value)
+            cells.append(
+                f'<td class="{classes}" data-setting="{_esc(name)}" data-value="{data}">{_metric(value)}</td>'
+            )
+        body.append(
+            f'<tr data-stage="{_esc(st.name)}"><th scope="row">{_esc(st.name)}</th>{"".join(cells)}</tr>'
+        )
+    return (
+        '<section id="grid"><h2>Post-processing grid</h2><p class="explain">uAP of each stage with each '
+        "post-processing setting, all scored on the same extraction; bold marks the best cell.</p>"
+        '<div class="table-wrap"><table id="grid-table"><thead><tr><th scope="col">stage</th>'
+        f"{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div></section>"
+    )
+
+
 def render_report(
     *,
     predictions: Predictions,
@@ -741,6 +774,7 @@ def render_report(
     query_paths: Mapping[str, str | os.PathLike[str]],
     reference_paths: Mapping[str, str | os.PathLike[str]],
     evidence: Mapping[tuple[str, str], Evidence] | None = None,
+    grid: Sequence[GridResult] = (),
     title: str = "Copy detection report",
     subtitle: str = "",
     gallery_size: int = 12,
@@ -827,6 +861,7 @@ def render_report(
         "step before, bold marks the best value of each column.</p>",
         _stage_table(stages),
         "</section>",
+        _grid_table(grid) if grid else "",
         '<section id="false-positives"><h2>Top false positives</h2>',
         f'<p class="explain">{_esc(fp_explain)}</p>',
         f'<div class="gallery" data-gallery="false-positives">{cards(galleries.false_positives)}</div>',
@@ -853,6 +888,7 @@ def write_report(
     query_paths: Mapping[str, str | os.PathLike[str]],
     reference_paths: Mapping[str, str | os.PathLike[str]],
     evidence: Mapping[tuple[str, str], Evidence] | None = None,
+    grid: Sequence[GridResult] = (),
     title: str = "Copy detection report",
     subtitle: str = "",
     gallery_size: int = 12,
@@ -863,6 +899,7 @@ def write_report(
     metrics after each pipeline step, the last one giving the headline numbers. ``query_paths`` and
     ``reference_paths`` map ids to image files; a missing or unreadable file becomes a placeholder naming
     the id. ``evidence`` maps ``(query_id, reference_id)`` to the boxes and label behind the pair's score.
+    ``grid``: every stage under each post-processing setting (the configured one first), a table of uAP.
     ``gallery_size`` cards are shown in each gallery.
     """
     page = render_report(
@@ -872,6 +909,7 @@ def write_report(
         query_paths=query_paths,
         reference_paths=reference_paths,
         evidence=evidence,
+        grid=grid,
         title=title,
         subtitle=subtitle,
         gallery_size=gallery_size,

@@ -17,7 +17,7 @@ import numpy as np
 from isc.evaluation.metrics import Metrics
 from isc.formats.pairs import Predictions
 
-__all__ = ["METRIC_NAMES", "EvaluationResult", "Evidence", "StageResult"]
+__all__ = ["METRIC_NAMES", "EvaluationResult", "Evidence", "GridResult", "StageResult"]
 
 METRIC_NAMES = ("uAP", "recall_at_p90", "recall_at_rank1", "recall_at_rank10")
 """The headline figures, in the order every table shows them."""
@@ -52,6 +52,24 @@ class StageResult:
         return {k: values.get(k) for k in METRIC_NAMES}
 
 
+@dataclass(frozen=True)
+class GridResult:
+    """Every stage under one ``evaluation.grid`` post-processing setting, scored on the run's extraction;
+    ``seconds``: what scoring it added (post-processing fits, searches, aggregation; no extraction)."""
+
+    name: str
+    postprocessing: str
+    stages: list[StageResult]
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "postprocessing": self.postprocessing,
+            "seconds": self.seconds,
+            "stages": {st.name: st.figures for st in self.stages},
+        }
+
+
 @dataclass
 class EvaluationResult:
     """Every stage (the last is final), the raw figures, and the post-processed descriptors.
@@ -74,6 +92,7 @@ class EvaluationResult:
     evidence: Mapping[tuple[str, str], Evidence] | None = field(default=None, repr=False)
     rows: Any = field(default=None, repr=False)  # the test stage's candidate rows (inference.TestStageRows)
     search: dict[str, Any] | None = None  # an approximate index: its string and measured recall@k
+    grid: list[GridResult] = field(default_factory=list)  # evaluation.grid, in its order
 
     @property
     def final(self) -> StageResult:
@@ -120,4 +139,6 @@ class EvaluationResult:
         out["num_predictions"] = len(self.predictions)
         if self.search is not None:
             out["search"] = self.search
+        if self.grid:
+            out["grid"] = {g.name: g.summary() for g in self.grid}
         return out

@@ -11,11 +11,13 @@ report are written atomically into ``out_dir``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from isc.evaluation.inference import ConcatModel, run_test_stage, share_test_sta
 from isc.evaluation.matching import match_descriptors
 from isc.evaluation.postprocess import check_whitening_dim
 from isc.evaluation.report import write_report
-from isc.evaluation.results import EvaluationResult
+from isc.evaluation.results import EvaluationResult, GridResult
 from isc.evaluation.settings import EvaluationSettings
 from isc.formats.descriptor_files import read_descriptors, write_descriptors
 from isc.formats.files import atomic_write
@@ -188,25 +190,43 @@ def evaluate_layout(
         if ranks.rank > 0:
             return None  # nothing to extract: rank 0 reads the file
         ids, vectors = _read_descriptor_file(settings, layout)
-        s = resolve_settings(settings, len(ids.get("training", ())), [vectors["queries"].shape[1]])
+        n_training, dims = len(ids.get("training", ())), [vectors["queries"].shape[1]]
+        s = resolve_settings(settings, n_training, dims)
+        grid = _grid_settings(settings, s, n_training, dims)
         result = _match(ids, vectors, ground_truth, s)
+        result.grid = _score_grid(grid, s, result, lambda g: _match(ids, vectors, ground_truth, g))
         paths = listed  # the report shows the images the ids name
     else:
         paths = _screen(layout, listed, skip_bad, skipped, max(8, settings.num_workers))
         models, settings = _combined(models, settings)
-        s = resolve_settings(settings, len(paths.get("training", ())), [int(m.dim) for m in models])  # type: ignore[arg-type]
+        n_training, dims = len(paths.get("training", ())), [int(m.dim) for m in models]  # type: ignore[arg-type]
+        s = resolve_settings(settings, n_training, dims)
+        grid = _grid_settings(settings, s, n_training, dims)
         if ranks.world > 1:
             assert cache_dir is not None
             ranks.share(lambda: _share(models, paths, s, cache_dir, ranks))
             if ranks.rank > 0:
                 return None
         started = time.perf_counter()
-        if s.test_stage:
-            ids_ = {split: [p.stem for p in files] for split, files in paths.items()}
-            result = run_test_stage(models, paths, ids_, s, ground_truth, cache_dir)
-        else:
-            result = _global(models[0], paths, s, ground_truth, cache_dir)
-        log.info("extraction and matching took %.1f s", time.perf_counter() - started)
+        with contextlib.ExitStack() as stack:
+            if s.test_stage and grid and cache_dir is None:  # the grid's runs read the one extraction back
+                cache_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="isc-grid-")))
+            if s.test_stage:
+                ids_ = {split: [p.stem for p in files] for split, files in paths.items()}
+                cache = cache_dir
+
+                def score(g: EvaluationSettings) -> EvaluationResult:
+                    return run_test_stage(models, paths, ids_, g, ground_truth, cache)
+
+            else:
+                ids, vectors = _global(models[0], paths, s, cache_dir)
+
+                def score(g: EvaluationSettings) -> EvaluationResult:
+                    return _match(ids, vectors, ground_truth, g)
+
+            result = score(s)
+            log.info("extraction and matching took %.1f s", time.perf_counter() - started)
+            result.grid = _score_grid(grid, s, result, score)
     write_descriptors(
         out / "descriptors.h5",
         result.query_ids,
@@ -230,6 +250,9 @@ def evaluate_layout(
                 query_paths={p.stem: p for p in paths["queries"]},  # ids are file stems
                 reference_paths={p.stem: p for p in paths["references"]},
                 evidence=result.evidence,
+                grid=[GridResult("configured", result.postprocessing, result.stages, 0.0), *result.grid]
+                if result.grid
+                else (),
                 subtitle=f"{subtitle} · {result.postprocessing}" if subtitle else result.postprocessing,
             )
         )
@@ -284,14 +307,52 @@ def _global_listings(model: nn.Module, paths: dict[str, list[Path]], s: Evaluati
     ]
 
 
-def _global(
-    model: nn.Module,
-    paths: dict[str, list[Path]],
+def _grid_settings(
+    settings: EvaluationSettings, resolved: EvaluationSettings, num_training: int, dims: Sequence[int]
+) -> list[tuple[str, EvaluationSettings]]:
+    """``evaluation.grid``'s settings, each resolved as the run's are (checked before any extraction)."""
+    out = []
+    for name in settings.grid:
+        try:
+            out.append((name, resolve_settings(settings.variant(name), num_training, dims)))
+        except ValueError as e:
+            raise ValueError(f"evaluation.grid entry {name!r}: {e}") from e
+    if out:
+        log.info(
+            "scoring %d post-processing setting(s) besides %s: %s",
+            len(out),
+            resolved.describe(),
+            ", ".join(name for name, _ in out),
+        )
+    return out
+
+
+def _score_grid(
+    grid: list[tuple[str, EvaluationSettings]],
     s: EvaluationSettings,
-    ground_truth: GroundTruth | None,
-    cache_dir: Path | None,
-) -> EvaluationResult:
-    """One descriptor per image at the model's recorded input size, matched globally."""
+    configured: EvaluationResult,
+    score: Callable[[EvaluationSettings], EvaluationResult],
+) -> list[GridResult]:
+    """Each grid entry's stages on the run's extraction (the global descriptors, or the test stage's
+    shards read back): one post-processing fit and search each; an entry equal to the configured
+    setting takes the configured result."""
+    out = []
+    for name, g in grid:
+        started = time.perf_counter()
+        same = g == dataclasses.replace(s, grid=())
+        result = configured if same else score(g)
+        seconds = time.perf_counter() - started
+        log.info(
+            "grid %s (%s): %.1f s%s", name, g.describe(), seconds, " (the configured one)" if same else ""
+        )
+        out.append(GridResult(name, g.describe(), result.stages, seconds))
+    return out
+
+
+def _global(
+    model: nn.Module, paths: dict[str, list[Path]], s: EvaluationSettings, cache_dir: Path | None
+) -> tuple[Splits, Splits]:
+    """One descriptor per image of every split at the model's recorded input size: (ids, vectors)."""
     image_size = getattr(model, "image_size", None) or s.image_size
     if image_size != s.image_size:
         log.info("evaluating at the model's %d px (evaluation.image_size=%d)", image_size, s.image_size)
@@ -304,7 +365,7 @@ def _global(
     n = sum(len(v) for v in ids.values())
     seconds = time.perf_counter() - started
     log.info("extracted %d descriptors in %.1f s (%.1f images/s)", n, seconds, n / max(seconds, 1e-9))
-    return _match(ids, vectors, ground_truth, s)
+    return ids, vectors
 
 
 def _match(

@@ -25,6 +25,7 @@ from isc.evaluation.search import Backend
 from isc.evaluation.views import QueryViews
 
 __all__ = [
+    "GRID_STEPS",
     "Ensemble",
     "EvaluationSettings",
     "LocalVerification",
@@ -33,6 +34,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+GRID_STEPS: dict[str, tuple[bool, bool]] = {
+    "raw": (False, False),
+    "whitening": (True, False),
+    "score_normalization": (False, True),
+    "both": (True, True),
+}
+"""``evaluation.grid``'s names: (whitening on, score normalisation on), each with the configured parameters."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +215,7 @@ class EvaluationSettings:
     gem_p: float | None = None  # replace the model's pooling by a fresh GeM with this p at test (D2LV: 3)
     cache_dir: Any = "auto"
     shard_size: int = 10_000
+    grid: tuple[str, ...] = ()  # post-processing settings scored besides the configured one (GRID_STEPS)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EvaluationSettings:
@@ -233,6 +243,8 @@ class EvaluationSettings:
                 value = sub(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
             elif key == "scales" and value is not None:
                 value = tuple(int(v) for v in value)
+            elif key == "grid":
+                value = tuple(str(v) for v in (value or ()))
             kwargs[key] = value
         settings = cls(**kwargs)
         settings.check()
@@ -308,6 +320,25 @@ class EvaluationSettings:
             raise ValueError(f"evaluation.reference_block must be >= 1, got {self.reference_block}")
         if self.query_block < 1:
             raise ValueError(f"evaluation.query_block must be >= 1, got {self.query_block}")
+        unknown_steps = [g for g in self.grid if g not in GRID_STEPS]
+        if unknown_steps or len(set(self.grid)) != len(self.grid):
+            raise ValueError(
+                f"evaluation.grid must list distinct names of {list(GRID_STEPS)}, got {list(self.grid)}"
+            )
+
+    def variant(self, name: str) -> EvaluationSettings:
+        """These settings with the post-processing of grid entry ``name`` (:data:`GRID_STEPS`): each step
+        on or off, its parameters as configured; the extraction (models, scales, views) is unchanged."""
+        whiten, normalise = GRID_STEPS[name]
+        return dataclasses.replace(
+            self,
+            # whitening.raw only where the models were built for it (evaluated_model): the same extraction
+            whitening=dataclasses.replace(
+                self.whitening, enabled=whiten, raw=self.whitening.raw and self.whitening.enabled
+            ),
+            score_normalization=dataclasses.replace(self.score_normalization, enabled=normalise),
+            grid=(),
+        )
 
     @property
     def test_stage(self) -> bool:
