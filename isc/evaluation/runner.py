@@ -192,7 +192,7 @@ def evaluate_layout(
         ids, vectors = _read_descriptor_file(settings, layout)
         n_training, dims = len(ids.get("training", ())), [vectors["queries"].shape[1]]
         s = resolve_settings(settings, n_training, dims)
-        grid = _grid_settings(settings, s, n_training, dims)
+        grid = _grid_settings(settings, s, n_training, dims, ground_truth)
         result = _match(ids, vectors, ground_truth, s)
         result.grid = _score_grid(grid, s, result, lambda g: _match(ids, vectors, ground_truth, g))
         paths = listed  # the report shows the images the ids name
@@ -201,10 +201,11 @@ def evaluate_layout(
         models, settings = _combined(models, settings)
         n_training, dims = len(paths.get("training", ())), [int(m.dim) for m in models]  # type: ignore[arg-type]
         s = resolve_settings(settings, n_training, dims)
-        grid = _grid_settings(settings, s, n_training, dims)
+        grid = _grid_settings(settings, s, n_training, dims, ground_truth)
         if ranks.world > 1:
             assert cache_dir is not None
-            ranks.share(lambda: _share(models, paths, s, cache_dir, ranks))
+            shared = cache_dir
+            ranks.share(lambda: _share(models, paths, s, shared, ranks))
             if ranks.rank > 0:
                 return None
         started = time.perf_counter()
@@ -308,15 +309,23 @@ def _global_listings(model: nn.Module, paths: dict[str, list[Path]], s: Evaluati
 
 
 def _grid_settings(
-    settings: EvaluationSettings, resolved: EvaluationSettings, num_training: int, dims: Sequence[int]
+    settings: EvaluationSettings,
+    resolved: EvaluationSettings,
+    num_training: int,
+    dims: Sequence[int],
+    ground_truth: GroundTruth | None,
 ) -> list[tuple[str, EvaluationSettings]]:
-    """``evaluation.grid``'s settings, each resolved as the run's are (checked before any extraction)."""
+    """``evaluation.grid``'s settings, each resolved as the run's are (checked before any extraction);
+    none to score without a ground truth (``task=predict``)."""
     out = []
     for name in settings.grid:
         try:
             out.append((name, resolve_settings(settings.variant(name), num_training, dims)))
         except ValueError as e:
             raise ValueError(f"evaluation.grid entry {name!r}: {e}") from e
+    if out and ground_truth is None:  # checked all the same; nothing to score them against
+        log.info("evaluation.grid is not scored without a ground truth")
+        return []
     if out:
         log.info(
             "scoring %d post-processing setting(s) besides %s: %s",
