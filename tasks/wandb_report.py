@@ -10,6 +10,17 @@ from isc.evaluation.report import report_figures
 from isc.evaluation.runner import EvaluationRun
 
 
+def grid_figures(run: EvaluationRun) -> dict[str, float]:
+    """``evaluation.grid``'s cells as ``test/grid/<setting>/<stage>/<metric>`` (the defined ones)."""
+    return {
+        f"test/grid/{g.name}/{st.name}/{k}": v
+        for g in run.result.grid
+        for st in g.stages
+        for k, v in st.figures.items()
+        if v is not None
+    }
+
+
 def log_report_to_wandb(cfg: DictConfig, run: EvaluationRun) -> None:
     """One wandb run per evaluation (offline unless ``WANDB_MODE=online``), read from the run's result."""
     import wandb
@@ -28,13 +39,7 @@ def log_report_to_wandb(cfg: DictConfig, run: EvaluationRun) -> None:
         logged.log(
             {
                 **{f"test/{k}": v for k, v in run.metrics.items() if isinstance(v, int | float)},
-                **{
-                    f"test/grid/{g.name}/{st.name}/{k}": v
-                    for g in run.result.grid
-                    for st in g.stages
-                    for k, v in st.figures.items()
-                    if v is not None
-                },
+                **grid_figures(run),
                 "test/pr_curve": wandb.plot.line(pr, "recall", "precision", title="precision-recall"),
                 "test/true_pair_scores": wandb.Histogram(
                     np_histogram=(figures["true_counts"], figures["bin_edges"])

@@ -18,6 +18,9 @@ from isc.evaluation.settings import GRID_STEPS, EvaluationSettings
 from isc.models.descriptor import DescriptorModel
 from isc.models.pooling import GeM
 from isc.models.trunks import Trunk
+from tasks.common import fmt
+from tasks.evaluation import _print_headline
+from tasks.wandb_report import grid_figures
 
 GRID = list(GRID_STEPS)
 
@@ -62,7 +65,7 @@ def _run(benchmark: Path, out: Path, s: EvaluationSettings, model: nn.Module) ->
 
 @pytest.mark.parametrize("stage", ["global", "test"])
 def test_grid_cells_equal_separate_runs_from_one_extraction(
-    benchmark: Path, tmp_path: Path, stage: str
+    benchmark: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], stage: str
 ) -> None:
     changes = {"scales": [48, 64]} if stage == "test" else {}
     model = _model()
@@ -92,6 +95,15 @@ def test_grid_cells_equal_separate_runs_from_one_extraction(
     assert raw["postprocessing"] == "no post-processing"
     assert list(raw["stages"]) == [st.name for st in configured.stages]
     assert on_disk["uAP"] == pytest.approx(configured.final.figures["uAP"])  # the headline: configured
+
+    assert grid_figures(run)[f"test/grid/raw/{configured.stages[-1].name}/uAP"] == pytest.approx(
+        configured.grid[0].stages[-1].figures["uAP"]
+    )
+    _print_headline(run)
+    lines = capsys.readouterr().out.splitlines()
+    printed = [line.split()[1] for line in lines if line.startswith("  grid ")]
+    assert printed == GRID  # one line per setting, then the configured headline
+    assert lines[-3].startswith(f"uAP {fmt(on_disk['uAP'])} with {configured.postprocessing}")
 
     page = (tmp_path / "grid" / "report.html").read_text()
     table = page[page.index('id="grid-table"') :]
