@@ -110,7 +110,7 @@ def _print_headline(run: EvaluationRun) -> None:
             )
     for g in run.result.grid:  # evaluation.grid: every stage under another post-processing, same extraction
         cells = " | ".join(f"{st.name} {fmt(st.figures['uAP'])}" for st in g.stages)
-        print(f"  grid {g.name:<19} uAP {cells}  ({g.postprocessing}; {g.seconds:.1f} s)")
+        print(f"  grid {g.name:<19} uAP {cells}  ({g.postprocessing}; {g.seconds:.2f} s)")
     raw = "" if staged else f" (raw {fmt(m['uAP_raw'])})"
     print(
         f"uAP {fmt(m['uAP'])} with {m['postprocessing']}{raw}, "

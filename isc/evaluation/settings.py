@@ -215,7 +215,7 @@ class EvaluationSettings:
     gem_p: float | None = None  # replace the model's pooling by a fresh GeM with this p at test (D2LV: 3)
     cache_dir: Any = "auto"
     shard_size: int = 10_000
-    grid: tuple[str, ...] = ()  # post-processing settings scored besides the configured one (GRID_STEPS)
+    grid: tuple[str, ...] = ("raw",)  # post-processing settings also scored, every stage (GRID_STEPS)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EvaluationSettings:
