@@ -328,7 +328,8 @@ class EvaluationSettings:
 
     def variant(self, name: str) -> EvaluationSettings:
         """These settings with the post-processing of grid entry ``name`` (:data:`GRID_STEPS`): each step
-        on or off, its parameters as configured; the extraction (models, scales, views) is unchanged."""
+        on or off, its parameters as configured; the extraction (models, scales, views) is unchanged. Only
+        the configured setting's descriptors are written: the descriptor track's limit is not a grid's."""
         whiten, normalise = GRID_STEPS[name]
         return dataclasses.replace(
             self,
@@ -338,6 +339,7 @@ class EvaluationSettings:
             ),
             score_normalization=dataclasses.replace(self.score_normalization, enabled=normalise),
             grid=(),
+            descriptor_track_max_dim=None,
         )
 
     @property
