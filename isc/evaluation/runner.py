@@ -251,7 +251,7 @@ def evaluate_layout(
                 query_paths={p.stem: p for p in paths["queries"]},  # ids are file stems
                 reference_paths={p.stem: p for p in paths["references"]},
                 evidence=result.evidence,
-                grid=[GridResult("configured", result.postprocessing, result.stages, 0.0), *result.grid]
+                grid=[GridResult("configured", s.describe(), result.stages, 0.0), *result.grid]
                 if result.grid
                 else (),
                 subtitle=f"{subtitle} · {result.postprocessing}" if subtitle else result.postprocessing,
