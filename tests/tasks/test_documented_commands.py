@@ -216,7 +216,10 @@ def shrink(args: list[str], out: Path) -> list[str]:
         extra += tiny_finetune()
         if "experiment=finetune_d2lv" in text:
             extra += ["evaluation.whitening.dim=4", "model.head.hidden_dims=[16]", "model.head.out_dim=8"]
-    if "evaluation.whitening.enabled=true" in text or "d2lv_inference" in text:
+    if any(
+        w in text
+        for w in ("evaluation.whitening.enabled=true", "evaluation.whitening.dim=", "d2lv_inference")
+    ):
         extra.append("evaluation.whitening.dim=4")  # the tiny benchmark has 6 training images
     if "evaluation.scales" in text or "d2lv_inference" in text or "local_verification" in text:
         extra += [  # the test stage on 48-px images: two small scales, few views
