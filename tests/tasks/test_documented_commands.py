@@ -226,6 +226,7 @@ def shrink(args: list[str], out: Path) -> list[str]:
             "evaluation.scales=[64,72]",
             "evaluation.local_verification.query.min_size=8",
             "evaluation.local_verification.query.proposals.max_proposals=2",
+            "evaluation.local_verification.query.proposals.max_side=96",  # full resolution costs seconds
         ]
     if "hparams_search=optuna" in text:
         extra += ["hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2"]
