@@ -7,6 +7,7 @@ the metrics so every rank logs identical values and ``ModelCheckpoint(monitor="v
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,7 +49,8 @@ class RetrievalEvaluation(L.Callback):
     ``evaluation:`` config as a mapping), applied the same way: PCA-whitening and score normalisation as
     configured, the same search backend and cap. Logs ``val/uAP``, ``val/recall_at_p90``,
     ``val/recall_at_rank1``, ``val/recall_at_rank10`` with that post-processing and the same with ``_raw``
-    (plain descriptors). The descriptor is ``pl_module.descriptor_model()`` (the network a checkpoint
+    (plain descriptors), and ``val/grid/<setting>/uAP`` / ``recall_at_p90`` for every other entry of
+    ``evaluation.grid`` (``raw`` is the ``_raw`` figures already). The descriptor is ``pl_module.descriptor_model()`` (the network a checkpoint
     export holds) or, for other modules, ``pl_module.embed(images in [0, 1])``.
 
     The model is evaluated once before training (``val/...`` at step 0 in the loggers and ``baseline``
@@ -80,12 +82,15 @@ class RetrievalEvaluation(L.Callback):
         self.skip_bad = skip_bad
         self.skipped: list[tuple[str, Path, str]] = []  # (split, path, reason) left out with skip_bad
         self._screened: dict[str, list[Path]] | None = None
+        self.grid: list[tuple[str, EvaluationSettings]] = []  # evaluation.grid beyond raw and the configured
 
     # -- hooks ---------------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Check the settings against the benchmark before any training or extraction.
-        self.settings = self.settings.for_training_set(len(self._paths.get("training", ())))
+        n_training = len(self._paths.get("training", ()))
+        self.settings = self.settings.for_training_set(n_training)
+        self.grid = _grid(self.settings, n_training)
         resumed = bool(self.baseline) or bool(self.history) or trainer.ckpt_path is not None
         if not self.evaluate_before_training or trainer.sanity_checking or resumed:
             return
@@ -204,7 +209,11 @@ class RetrievalEvaluation(L.Callback):
     def _score(self, descriptors: np.ndarray, trainer: L.Trainer, log_dir: str | None) -> dict[str, float]:
         result = score_benchmark(self.layout, self._paths, descriptors, self.settings)
         self._log_gallery(result, trainer, log_dir)
-        return result.headline(prefix="val/")
+        metrics = result.headline(prefix="val/")
+        for name, g in self.grid:  # the same descriptors matched again: one search each, no forward
+            figures = score_benchmark(self.layout, self._paths, descriptors, g).headline()
+            metrics |= {f"val/grid/{name}/{k}": figures[k] for k in ("uAP", "recall_at_p90")}
+        return metrics
 
     def _log_gallery(self, result: EvaluationResult, trainer: L.Trainer, log_dir: str | None) -> None:
         """Top matches of a few matched queries as one image: saved in the run dir, sent to wandb."""
@@ -217,6 +226,23 @@ class RetrievalEvaluation(L.Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="val/matches", images=[gallery], step=trainer.global_step)
+
+
+def _grid(settings: EvaluationSettings, num_training: int) -> list[tuple[str, EvaluationSettings]]:
+    """``evaluation.grid``'s entries the callback scores besides what it logs anyway: not ``raw`` (the
+    ``_raw`` figures), not one equal to the configured setting; each checked for the training set."""
+    out = []
+    configured = dataclasses.replace(settings, grid=(), descriptor_track_max_dim=None)
+    for name in settings.grid:
+        if name == "raw":
+            continue
+        try:
+            g = settings.variant(name).for_training_set(num_training)
+        except ValueError as e:
+            raise ValueError(f"evaluation.grid entry {name!r}: {e}") from e
+        if g != configured:
+            out.append((name, g))
+    return out
 
 
 def _summary(metrics: dict[str, float]) -> str:

@@ -118,6 +118,13 @@ def _print_training_summary(cfg: DictConfig, callbacks: list[object]) -> None:
                 f"with {cb.settings.describe()}; raw {fmt(before.get('val/uAP_raw'))} -> "
                 f"{fmt(history[-1]['val/uAP_raw'])}"
             )
+            for name, g in cb.grid:  # evaluation.grid: the same descriptors under each other setting
+                key = f"val/grid/{name}/uAP"
+                print(
+                    f"  grid {name}: uAP before training {fmt(before.get(key))} -> after "
+                    f"{len(history) * every} epoch(s) {fmt(history[-1].get(key))} (best "
+                    f"{fmt(max(h.get(key, 0.0) for h in history))}) with {g.describe()}"
+                )
     checkpoints = [cb for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.best_model_path]
     checkpoints.sort(key=lambda cb: cb.monitor is None)  # the one ranked by val/uAP first
     print(f"outputs in {cfg.paths.output_dir}")

@@ -52,10 +52,11 @@ HEADS = {
         "evaluation.whitening.dim=4",
         "evaluation.whitening.raw=true",
     ],
-    "projection head, whitening": [
+    "projection head, whitening, a post-processing grid": [
         "+model.head={_target_: isc.models.heads.ProjectionHead, _partial_: true, out_dim: 16}",
         "evaluation.whitening.enabled=true",
         "evaluation.whitening.dim=4",
+        "evaluation.grid=[raw,score_normalization,whitening]",
     ],
 }
 
@@ -77,6 +78,13 @@ def test_checkpoint_and_export_reproduce_the_callback_uap(
     evaluated = tasks.evaluate(compose_cfg(eval_overrides, tmp_path / "eval"))
     for key in ("uAP", "uAP_raw", "recall_at_p90", "recall_at_rank1"):
         assert evaluated[key] == pytest.approx(trained[f"val/{key}"], abs=1e-6), key
+    if "grid" in variant:  # the callback's grid cells are task=evaluate's, setting by setting
+        grid = json.loads((tmp_path / "eval" / "metrics.json").read_text())["grid"]
+        for name in ("score_normalization", "whitening"):
+            for key in ("uAP", "recall_at_p90"):
+                cell = grid[name]["stages"]["global"][key] or 0.0
+                assert trained[f"val/grid/{name}/{key}"] == pytest.approx(cell, abs=1e-6), (name, key)
+        assert grid["raw"]["stages"]["global"]["uAP"] == pytest.approx(trained["val/uAP_raw"], abs=1e-6)
 
     exported = tasks.export(
         compose_cfg([*eval_overrides[:-2], "task=export", f"ckpt_path={ckpt}"], tmp_path / "x")
