@@ -7,7 +7,6 @@ the metrics so every rank logs identical values and ``ModelCheckpoint(monitor="v
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -232,7 +231,7 @@ def _grid(settings: EvaluationSettings, num_training: int) -> list[tuple[str, Ev
     """``evaluation.grid``'s entries the callback scores besides what it logs anyway: not ``raw`` (the
     ``_raw`` figures), not one equal to the configured setting; each checked for the training set."""
     out = []
-    configured = dataclasses.replace(settings, grid=(), descriptor_track_max_dim=None)
+    configured = settings.as_grid_entry()
     for name in settings.grid:
         if name == "raw":
             continue

@@ -472,9 +472,8 @@ def _search_model(
         # crop search's (reference view 1 + crop index) so they are penalised and voted as the seed does
         # (Test/final/combine.py:47-48 strips the crop suffixes, so :85-92 penalises every crop-search row)
         view, hit, score = crops.pairs()
-        if (
-            s.local_verification.reference_faces.enabled
-        ):  # after the search, as the seed cleans its result CSV
+        # faces: after the search, as the seed cleans its result CSV
+        if s.local_verification.reference_faces.enabled:
             faces = np.concatenate(face_refs) if face_refs else np.zeros(0, dtype=np.int64)
             keep = ~np.isin(ref_table[hit, 0], faces)
             log.info(

@@ -348,7 +348,7 @@ def _score_grid(
     out = []
     for name, g in grid:
         started = time.perf_counter()
-        same = g == dataclasses.replace(s, grid=(), descriptor_track_max_dim=None)
+        same = g == s.as_grid_entry()
         result = configured if same else score(g)
         seconds = time.perf_counter() - started
         log.info(

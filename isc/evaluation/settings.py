@@ -326,6 +326,11 @@ class EvaluationSettings:
                 f"evaluation.grid must list distinct names of {list(GRID_STEPS)}, got {list(self.grid)}"
             )
 
+    def as_grid_entry(self) -> EvaluationSettings:
+        """These settings as a grid entry compares: without the grid and the descriptor track's limit
+        (what :meth:`variant` returns for the configured post-processing)."""
+        return dataclasses.replace(self, grid=(), descriptor_track_max_dim=None)
+
     def variant(self, name: str) -> EvaluationSettings:
         """These settings with the post-processing of grid entry ``name`` (:data:`GRID_STEPS`): each step
         on or off, its parameters as configured; the extraction (models, scales, views) is unchanged. Only
