@@ -39,6 +39,8 @@ def _check(d: DictConfig) -> None:
         raise ValueError(f"detector.iou must be in (0, 1), got {d.iou}")
     if not Path(d.data).is_dir():
         raise ValueError(f"detector.data: {d.data} is not a folder (a task=generate output with boxes.csv)")
+    if d.eval_data is not None and not Path(d.eval_data).is_dir():
+        raise ValueError(f"detector.eval_data: {d.eval_data} is not a folder of images with paste boxes")
 
 
 def train_detector(cfg: DictConfig) -> dict[str, object]:
@@ -47,8 +49,17 @@ def train_detector(cfg: DictConfig) -> dict[str, object]:
     _check(d)
     samples = paste_samples(d.data, d.boxes)
     train, held_out = split_samples(samples, float(d.holdout), seed=int(cfg.seed))
+    if d.eval_data is not None:  # read before training, so a bad CSV stops the run before any step
+        held_out = paste_samples(d.eval_data, d.eval_boxes)
+    measured_on = str(d.eval_data) if d.eval_data is not None else "held-out classes"
     n_pasted = sum(s.box is not None for s in train)
-    log.info("%d training images (%d pasted), %d held out", len(train), n_pasted, len(held_out))
+    log.info(
+        "%d training images (%d pasted), %d to measure on (%s)",
+        len(train),
+        n_pasted,
+        len(held_out),
+        measured_on,
+    )
     model, trained = train_overlay_detector(
         train,
         architecture=d.architecture,
@@ -72,7 +83,9 @@ def train_detector(cfg: DictConfig) -> dict[str, object]:
         d.checkpoint, model, architecture=d.architecture, image_size=int(d.image_size), extra=facts
     )
     learned = OverlayDetector(model, d.architecture, int(d.image_size), facts)
-    metrics: dict[str, object] = {**facts, "checkpoint": str(checkpoint), "held_out_images": len(held_out)}
+    metrics: dict[str, object] = {
+        **facts, "checkpoint": str(checkpoint), "held_out_images": len(held_out), "measured_on": measured_on,
+    }  # fmt: skip
     if held_out:
         classical = OverlaySettings()
         rates = compare_overlay_detectors(
@@ -93,12 +106,12 @@ def train_detector(cfg: DictConfig) -> dict[str, object]:
     if held_out:
         r0, r1 = rates["classical"], rates["learned"]
         print(
-            f"held-out pastes found at IoU > {float(d.iou):g}: learned {r1.recall:.1%} vs classical {r0.recall:.1%} "
+            f"{measured_on}: pastes found at IoU > {float(d.iou):g}: learned {r1.recall:.1%} vs classical {r0.recall:.1%} "
             f"({r0.n_pasted} pastes); false fires on plain images: learned {r1.false_fire_rate:.1%} vs "
             f"classical {r0.false_fire_rate:.1%} ({r0.n_plain} images)"
         )
     else:
-        print("no held-out class (detector.holdout=0): nothing measured")
+        print("nothing to measure on (detector.holdout=0 and no detector.eval_data)")
     print(
         f"checkpoint: {checkpoint}\n  use it with evaluation.local_verification.query.overlays.detector=learned "
         f"evaluation.local_verification.query.overlays.checkpoint={checkpoint}"

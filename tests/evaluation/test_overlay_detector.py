@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -109,11 +110,13 @@ def test_train_detector_task_end_to_end_and_its_checkpoint_in_the_test_stage(tmp
     out = tmp_path / "run"
     cfg = compose_cfg(
         "task=train_detector", f"detector.data={copies}", "detector.steps=2", "detector.batch_size=2",
-        "detector.image_size=64", "detector.holdout=0.5", out,
+        "detector.image_size=64", "detector.holdout=0.5", f"detector.eval_data={copies}", out,
     )  # fmt: skip
     run_task(cfg)
     checkpoint = out / "overlay_detector.pt"
     assert checkpoint.is_file() and (out / "metrics.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["measured_on"] == str(copies) and metrics["held_out_images"] == 12  # all of eval_data
     loaded = load_overlay_detector(checkpoint)
     assert loaded.image_size == 64 and loaded.extra["steps"] == 2
     settings = OverlaySettings(detector="learned", checkpoint=str(checkpoint), score_threshold=0.0)
@@ -152,3 +155,35 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="architecture must be one of"):
         build_detector("yolov5", 64)
+
+
+def test_the_lite0_detector_starts_from_the_packaged_imagenet_weights(tmp_path: Path) -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from isc.models.trunks import efficientnet_lite0
+
+    torch.set_num_threads(1)
+    arch = "fasterrcnn_efficientnet_lite0_fpn"
+    imagenet = efficientnet_lite0(pretrained=True).body.net.state_dict()
+    model = build_detector(arch, 64, pretrained=True)
+    backbone = model.backbone  # type: ignore[attr-defined]
+    ours = backbone.blocks.state_dict()
+    assert all(torch.equal(v, imagenet[f"_blocks.{k}"]) for k, v in ours.items() if "running" not in k)
+    assert torch.equal(backbone.stem[0].weight, imagenet["_conv_stem.weight"])
+    # frozen as torchvision freezes its pretrained backbones: BN statistics, the stem and stages 1-2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    assert isinstance(backbone.stem[1], FrozenBatchNorm2d)
+    assert torch.equal(backbone.stem[1].running_var, imagenet["_bn0.running_var"])
+    assert not any(p.requires_grad for p in backbone.stem.parameters())
+    assert not any(p.requires_grad for p in backbone.blocks[:3].parameters())
+    assert all(p.requires_grad for p in backbone.blocks[3:].parameters())
+    scratch = build_detector(arch, 64)
+    assert not torch.equal(scratch.backbone.stem[0].weight, backbone.stem[0].weight)  # type: ignore[attr-defined]
+    # a checkpoint rebuilds without weights, then loads its own
+    loaded = load_overlay_detector(
+        save_overlay_detector(tmp_path / "d.pt", model, architecture=arch, image_size=64)
+    )
+    a, b = model.state_dict(), loaded.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    boxes = loaded(Image.new("RGB", (96, 80), (50, 90, 200)), score_threshold=0.0)
+    assert boxes.dtype == np.int64 and boxes.shape[1] == 4
