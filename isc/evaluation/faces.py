@@ -20,9 +20,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
-__all__ = ["CASCADE", "FaceSettings", "detect_faces"]
+__all__ = ["CASCADE", "CASCADES", "FaceSettings", "detect_faces"]
 
 CASCADE = "haarcascade_frontalface_alt.xml"  # measured against default, alt2 and alt_tree: docs/inference.md
+CASCADES = (
+    "haarcascade_frontalface_alt.xml",
+    "haarcascade_frontalface_alt2.xml",
+    "haarcascade_frontalface_alt_tree.xml",
+    "haarcascade_frontalface_default.xml",
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,7 @@ class FaceSettings:
     KEY: ClassVar[str] = "evaluation.local_verification.reference_faces"  # where errors say to look
 
     enabled: bool = False  # drop the crop-search rows of references with a face (combine.py:47-48)
+    cascade: str = CASCADE
     scale_factor: float = 1.1
     min_neighbors: int = 5
     min_size: int = 30
@@ -43,6 +50,10 @@ class FaceSettings:
     def __post_init__(self) -> None:
         p = self.KEY + "."
         checks = [
+            (
+                self.cascade in CASCADES,
+                f"{p}cascade must be one of {', '.join(CASCADES)}, got {self.cascade!r}",
+            ),
             (self.scale_factor > 1.0, f"{p}scale_factor must be > 1, got {self.scale_factor}"),
             (self.min_neighbors >= 0, f"{p}min_neighbors must be >= 0, got {self.min_neighbors}"),
             (self.min_size >= 1, f"{p}min_size must be >= 1, got {self.min_size}"),
@@ -52,10 +63,10 @@ class FaceSettings:
                 raise ValueError(message)
 
 
-@functools.lru_cache(maxsize=1)
-def _cascade() -> cv2.CascadeClassifier:
-    """The packaged cascade, loaded once per process (each DataLoader worker loads its own)."""
-    path = cv2.data.haarcascades + CASCADE  # type: ignore[attr-defined]  # cv2/data/__init__.py
+@functools.lru_cache(maxsize=len(CASCADES))
+def _cascade(name: str) -> cv2.CascadeClassifier:
+    """A packaged cascade, loaded once per process (each DataLoader worker loads its own)."""
+    path = cv2.data.haarcascades + name  # type: ignore[attr-defined]  # cv2/data/__init__.py
     cascade = cv2.CascadeClassifier(path)
     if cascade.empty():
         raise RuntimeError(f"OpenCV could not load its face cascade {path}")
@@ -71,7 +82,7 @@ def detect_faces(image: Image.Image, settings: FaceSettings | None = None) -> np
     s = FaceSettings() if settings is None else settings
     cv2.setNumThreads(1)  # one image at a time, next to other DataLoader workers: no pool of its own
     grey = np.asarray(image.convert("L"))
-    found = _cascade().detectMultiScale(
+    found = _cascade(s.cascade).detectMultiScale(
         grey,
         scaleFactor=float(s.scale_factor),
         minNeighbors=int(s.min_neighbors),

@@ -48,3 +48,18 @@ def test_face_settings_are_parsed_and_checked_with_their_config_path():
         EvaluationSettings.from_dict({"local_verification": {"reference_faces": {"bogus": 1}}})
     with pytest.raises(ValueError, match=f"{key}.enabled=false"):
         EvaluationSettings.from_dict({"local_verification": {"reference_faces": True}})
+
+
+def test_every_packaged_cascade_finds_the_astronaut_and_the_cascade_is_part_of_the_cache_key():
+    from isc.evaluation.extract import _views_key
+    from isc.evaluation.faces import CASCADE, CASCADES
+
+    assert CASCADE == "haarcascade_frontalface_alt.xml"  # the measured choice of docs/inference.md
+    for cascade in CASCADES:
+        (box,) = detect_faces(sample("astronaut"), FaceSettings(cascade=cascade))
+        assert 150 < (box[0] + box[2]) / 2 < 260 and 80 < (box[1] + box[3]) / 2 < 150
+    # faces found by one cascade are never served from the shard cache for another
+    keys = {_views_key(ReferenceCrops(FaceSettings(enabled=True, cascade=c))) for c in CASCADES}
+    assert len(keys) == len(CASCADES)
+    with pytest.raises(ValueError, match="reference_faces.cascade must be one of"):
+        FaceSettings(cascade="haarcascade_eye.xml")
