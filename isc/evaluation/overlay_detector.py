@@ -160,9 +160,9 @@ class _Lite0FPN(nn.Module):
         from isc.models.trunks import efficientnet_lite0
 
         super().__init__()
-        net = efficientnet_lite0(pretrained=pretrained).body.net
+        net: Any = efficientnet_lite0(pretrained=pretrained).body.net  # the package's module, untyped
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
-        self.blocks = net._blocks
+        self.blocks: nn.ModuleList = net._blocks
         _freeze_batch_norms(self)  # always, so a checkpoint loads into the same modules it was saved from
         for frozen in (self.stem, *self.blocks[:3]):
             frozen.requires_grad_(False)
